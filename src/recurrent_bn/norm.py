@@ -1,0 +1,212 @@
+"""Normalizations used inside recurrent layers, and where their statistics live.
+
+`RecurrentBatchNorm` is the batch norm of Cooijmans et al. 2016 (eq. 5): in training it normalizes with the current
+minibatch's statistics, separately for each timestep; in evaluation with per-timestep population statistics, reusing
+those of the last trained timestep T_max for every later one. With `share_statistics_over_time=True` it keeps a single
+set of statistics for all timesteps instead (the sequence-wise batch norm of Laurent et al. 2016).
+
+`RecurrentLayerNorm` is the layer norm of Ba et al. 2016: per example, over the features, no statistics to keep.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over the batch axis (-2) of `x` (..., B, F), counting only rows where `mask` (..., B).
+
+    A timestep with no active example gets mean 0 and variance 0 (its outputs are discarded by the caller).
+    """
+    if mask is None:
+        var, mean = torch.var_mean(x, dim=-2, correction=0)
+        return mean, var
+    weight = mask.to(x.dtype).unsqueeze(-1)
+    count = weight.sum(-2).clamp(min=1)
+    mean = (x * weight).sum(-2) / count
+    var = ((x - mean.unsqueeze(-2)).square() * weight).sum(-2) / count
+    return mean, var
+
+
+def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> Tensor:
+    """Number of active examples at each of `steps` timesteps, (steps,)."""
+    if mask is None:
+        return torch.full((steps,), batch, dtype=like.dtype, device=like.device)
+    return mask.to(like.dtype).sum(-1)
+
+
+class RecurrentBatchNorm(nn.Module):
+    """Batch norm with per-timestep statistics: `gamma * (x - mean_t) / sqrt(var_t + eps) + beta` (paper eq. 5).
+
+    Args:
+        num_features: size of the normalized feature axis.
+        max_length: how many timesteps get their own population statistics (T_max). Timesteps at or past the
+            longest length seen in training use the statistics of the last one seen, as the paper prescribes.
+        gamma_init: initial gamma. The paper uses 0.1: with 1.0 the normalized pre-activations saturate tanh and the
+            gradient through time vanishes.
+        learn_beta: learn a shift beta (starting at 0). Off where the layer's own bias plays that role.
+        eps: added to the variance; 1e-5 as in the paper's code.
+        momentum: weight of the new minibatch in the moving average of the population statistics,
+            `population = (1 - momentum) * population + momentum * batch` (the authors used 0.01 on MNIST, 0.05 on
+            PTB and text8). None gives a cumulative average, which `estimate_population_statistics` uses.
+        share_statistics_over_time: keep one set of population statistics for all timesteps. The normalization
+            of a whole sequence at once (`forward`) then also uses statistics pooled over time and batch in training.
+
+    Buffers: `running_mean`, `running_var` (slots, F) with slots = max_length (1 if shared); `num_batches_tracked`
+    (slots,) for the cumulative average; `trained_length`, the longest populated prefix of timesteps.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        max_length: int,
+        *,
+        gamma_init: float = 0.1,
+        learn_beta: bool = False,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        share_statistics_over_time: bool = False,
+    ) -> None:
+        super().__init__()
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.num_features = num_features
+        self.max_length = max_length
+        self.gamma_init = gamma_init
+        self.eps = eps
+        self.momentum = momentum
+        self.share_statistics_over_time = share_statistics_over_time
+        slots = 1 if share_statistics_over_time else max_length
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features)) if learn_beta else None
+        self.register_buffer("running_mean", torch.zeros(slots, num_features))
+        self.register_buffer("running_var", torch.ones(slots, num_features))
+        self.register_buffer("num_batches_tracked", torch.zeros(slots, dtype=torch.long))
+        self.register_buffer("trained_length", torch.zeros((), dtype=torch.long))
+        self.reset_parameters()
+
+    @property
+    def slots(self) -> int:
+        return self.running_mean.shape[0]
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.gamma_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+        self.reset_running_stats()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        self.trained_length.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, max_length={self.max_length}, gamma_init={self.gamma_init}, "
+            f"learn_beta={self.bias is not None}, eps={self.eps}, momentum={self.momentum}, "
+            f"share_statistics_over_time={self.share_statistics_over_time}"
+        )
+
+    def slot_index(self, start_step: int, steps: int) -> Tensor:
+        """Population slot of each timestep in [start_step, start_step + steps): t, clamped to the last trained one."""
+        index = torch.arange(start_step, start_step + steps, device=self.running_mean.device)
+        # A tensor bound, not a Python int, so that evaluation never waits for the device.
+        return torch.minimum(index, self.trained_length.clamp(min=1) - 1)
+
+    def population_statistics(self, start_step: int, steps: int) -> tuple[Tensor, Tensor]:
+        """Population mean and variance, (steps, F), for the timesteps [start_step, start_step + steps)."""
+        index = self.slot_index(start_step, steps)
+        return self.running_mean[index], self.running_var[index]
+
+    def affine(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+        """Scale and shift such that `x * scale + shift` is this normalization with the given statistics."""
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = -mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias
+        return scale, shift
+
+    def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        """`gamma * (x - mean) / sqrt(var + eps) + beta` with statistics broadcast against x."""
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def update_population(self, mean: Tensor, var: Tensor, count: Tensor, start_step: int = 0) -> None:
+        """Fold one minibatch's per-timestep statistics (T, F) into the population statistics.
+
+        Timesteps that share a slot (those past `max_length`, or all of them when statistics are shared over time)
+        are pooled first, weighted by their example counts, so the slot receives the mean and variance of the
+        pooled activations. The update is a moving average with weight `momentum`, or a cumulative average of
+        minibatches when `momentum` is None.
+        """
+        steps = mean.shape[0]
+        step = torch.arange(start_step, start_step + steps, device=mean.device)
+        index = step.clamp(max=self.slots - 1)
+        count = count.to(mean.dtype)
+        pooled_count = mean.new_zeros(self.slots).index_add_(0, index, count)
+        pooled_mean = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, mean * count[:, None])
+        pooled_square = mean.new_zeros(self.slots, self.num_features).index_add_(
+            0, index, (var + mean.square()) * count[:, None]
+        )
+        # Masked arithmetic instead of boolean indexing: no host synchronisation on a GPU.
+        touched = pooled_count > 0
+        denominator = pooled_count.clamp(min=1)[:, None]
+        batch_mean = pooled_mean / denominator
+        batch_var = (pooled_square / denominator - batch_mean.square()).clamp(min=0)
+        if self.momentum is None:
+            factor = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
+        else:
+            factor = torch.full_like(pooled_count, self.momentum)
+        factor = (factor * touched)[:, None].to(self.running_mean.dtype)
+        self.running_mean += factor * (batch_mean.to(self.running_mean.dtype) - self.running_mean)
+        self.running_var += factor * (batch_var.to(self.running_var.dtype) - self.running_var)
+        self.num_batches_tracked += touched
+        last_active = torch.where(count > 0, step + 1, 0).max().clamp(max=self.slots)
+        torch.maximum(self.trained_length, last_active, out=self.trained_length)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
+        """Normalize a whole sequence `x` (T, B, F) at once; `mask` (T, B) marks the valid (unpadded) positions.
+
+        Used for terms that do not depend on the recurrence, such as `W_x x_t`, so that the statistics of every
+        timestep are one reduction over the batch axis of a (T, B, F) tensor.
+        """
+        steps = x.shape[0]
+        if not self.training:
+            mean, var = self.population_statistics(start_step, steps)
+            return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+        count = example_count(mask, steps, x.shape[1], x)
+        if self.share_statistics_over_time:
+            flat_mask = None if mask is None else mask.reshape(1, -1)
+            mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
+            self.update_population(mean.detach(), var.detach(), count.sum(0, keepdim=True), 0)
+            return self.normalize(x, mean, var)
+        mean, var = batch_statistics(x, mask)
+        self.update_population(mean.detach(), var.detach(), count, start_step)
+        return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+
+
+class RecurrentLayerNorm(nn.Module):
+    """Layer norm over the last axis (Ba et al. 2016): `gamma * (x - mean) / sqrt(var + eps) + beta`, per example."""
+
+    def __init__(self, num_features: int, *, gamma_init: float = 1.0, learn_beta: bool = False, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.gamma_init = gamma_init
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features)) if learn_beta else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.gamma_init)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, gamma_init={self.gamma_init}, learn_beta={self.bias is not None}, eps={self.eps}"
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
+        return nn.functional.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)

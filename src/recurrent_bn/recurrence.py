@@ -1,0 +1,165 @@
+"""The time loops: the part of each layer that must run one timestep after another.
+
+The input term (`W_x x_t`, normalized, plus the bias) arrives precomputed for every timestep; each step adds the
+recurrent term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
+plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and the switch to the
+fused CPU kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
+
+ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
+
+
+def fused_available() -> bool:
+    """Whether the fused CPU kernels can be used in this process."""
+    return False
+
+
+def use_fused(backend: str) -> bool:
+    """Whether a layer with this `backend` setting runs the fused kernels."""
+    if backend == "fused":
+        raise RuntimeError("backend='fused' is not available in this build: use 'reference' or 'auto'")
+    return False
+
+
+class StepNorm:
+    """How one term is normalized at every step of one pass over a sequence.
+
+    - no module: the term is left as it is;
+    - layer norm: per example, no statistics;
+    - batch norm in training: the minibatch statistics of each timestep, remembered so that the population
+      statistics can be updated once after the loop;
+    - batch norm in evaluation: the population statistics, which make the normalization an affine map per
+      timestep, `x * scale_t + shift_t`, computed once for the whole sequence.
+    """
+
+    def __init__(self, module: nn.Module | None, steps: int, mask: Tensor | None, start_step: int) -> None:
+        self.module = module
+        self.mask = mask
+        self.start_step = start_step
+        self.steps = steps
+        self.means: list[Tensor] = []
+        self.variances: list[Tensor] = []
+        if module is None:
+            self.kind = "none"
+        elif isinstance(module, RecurrentLayerNorm):
+            self.kind = "layer"
+        elif isinstance(module, RecurrentBatchNorm) and module.training:
+            self.kind = "batch"
+        elif isinstance(module, RecurrentBatchNorm):
+            self.kind = "affine"
+            self.scale, self.shift = module.affine(*module.population_statistics(start_step, steps))
+        else:
+            raise TypeError(f"unsupported normalization module {type(module).__name__}")
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        if self.kind == "none":
+            return x
+        if self.kind == "layer":
+            return self.module(x)
+        if self.kind == "affine":
+            return torch.addcmul(self.shift[step], x, self.scale[step])
+        mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
+        self.means.append(mean.detach())
+        self.variances.append(var.detach())
+        return self.module.normalize(x, mean, var)
+
+    def finish(self, batch: int) -> None:
+        """Fold the remembered minibatch statistics into the population statistics."""
+        if self.kind != "batch":
+            return
+        mean = torch.stack(self.means)
+        self.module.update_population(
+            mean, torch.stack(self.variances), example_count(self.mask, self.steps, batch, mean), self.start_step
+        )
+
+
+def lstm(
+    input_term: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_hh: Tensor,
+    norm_hh: nn.Module | None,
+    norm_c: nn.Module | None,
+    mask: Tensor | None,
+    start_step: int = 0,
+    *,
+    fused: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer's loop over time (paper eqs. 6-8 with the normalizations given, plain ones when None).
+
+    Args:
+        input_term: (T, B, 4H), the normalized input term plus the bias, for every timestep.
+        h, c: (B, H) initial states.
+        weight_hh: (4H, H), gate order i, f, g, o.
+        norm_hh: normalization of `W_h h_{t-1}` (4H features) or None.
+        norm_c: normalization of `c_t` before the output tanh (H features) or None; c_t itself is carried.
+        mask: (T, B) valid positions or None. Padded steps keep the state and output zeros.
+        start_step: timestep index of input_term[0], which picks the batch-norm statistics.
+
+    Returns the output (T, B, H) and the final h and c.
+    """
+    steps, batch = input_term.shape[:2]
+    recurrent = StepNorm(norm_hh, steps, mask, start_step)
+    cell = StepNorm(norm_c, steps, mask, start_step)
+    weight_hh_t = weight_hh.t()
+    outputs = []
+    for step in range(steps):
+        gates = input_term[step] + recurrent(torch.mm(h, weight_hh_t), step)
+        i, f, g, o = gates.chunk(4, 1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = torch.sigmoid(o) * torch.tanh(cell(c_next, step))
+        if mask is None:
+            h, c = h_next, c_next
+            outputs.append(h)
+        else:
+            active = mask[step].unsqueeze(1)
+            h = torch.where(active, h_next, h)
+            c = torch.where(active, c_next, c)
+            outputs.append(h_next * active)
+    recurrent.finish(batch)
+    cell.finish(batch)
+    return torch.stack(outputs), h, c
+
+
+def rnn(
+    input_term: Tensor,
+    h: Tensor,
+    weight_hh: Tensor,
+    norm_hh: nn.Module | None,
+    norm_sum: nn.Module | None,
+    nonlinearity: str,
+    mask: Tensor | None,
+    start_step: int = 0,
+    *,
+    fused: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """One RNN layer's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`.
+
+    `norm_hh` normalizes the recurrent term alone ("separate" placement), `norm_sum` the whole pre-activation
+    ("sum" placement); either may be None. Other arguments as for `lstm`.
+    """
+    steps, batch = input_term.shape[:2]
+    recurrent = StepNorm(norm_hh, steps, mask, start_step)
+    total = StepNorm(norm_sum, steps, mask, start_step)
+    activation = ACTIVATIONS[nonlinearity]
+    weight_hh_t = weight_hh.t()
+    outputs = []
+    for step in range(steps):
+        h_next = activation(total(input_term[step] + recurrent(torch.mm(h, weight_hh_t), step), step))
+        if mask is None:
+            h = h_next
+            outputs.append(h)
+        else:
+            active = mask[step].unsqueeze(1)
+            h = torch.where(active, h_next, h)
+            outputs.append(h_next * active)
+    recurrent.finish(batch)
+    total.finish(batch)
+    return torch.stack(outputs), h
