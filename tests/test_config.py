@@ -1,0 +1,105 @@
+"""Hydra configs: every task x model composes and builds; bad values give one line naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from recurrent_bn.config import CONF_DIR, LSTM_MODELS, RNN_MODELS, TASKS, validate
+from recurrent_bn.errors import ConfigError
+from recurrent_bn.models import build_model
+
+MODELS = LSTM_MODELS + RNN_MODELS
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("model", MODELS)
+def test_every_task_and_model_composes_validates_and_builds(task, model):
+    cfg = make_cfg(f"task={task}", f"model={model}", "model.hidden_size=8")
+    validate(cfg)
+    assert cfg.task.name == task and cfg.model.name == model
+    net = build_model(cfg)
+    recurrent = net.recurrent
+    assert recurrent.hidden_size == 8
+    if cfg.model.norm in ("bn", "vbn"):
+        # max_length follows the task's sequence length by interpolation
+        norms = [m for m in recurrent.modules() if hasattr(m, "max_length")]
+        assert norms and all(m.max_length == cfg.task.steps for m in norms)
+
+
+def test_task_files_carry_the_papers_setup():
+    pmnist = make_cfg("task=pmnist")
+    assert (pmnist.optim.name, pmnist.optim.lr, pmnist.optim.decay) == ("rmsprop", 1e-3, 0.9)
+    assert (pmnist.model.hidden_size, pmnist.task.batch_size, pmnist.trainer.max_steps) == (100, 100, 100000)
+    assert pmnist.model.recurrent_init == "identity" and pmnist.trainer.clip_grad_norm == 1.0
+    ptb = make_cfg("task=ptb")
+    assert (ptb.optim.name, ptb.optim.lr, ptb.model.hidden_size, ptb.task.batch_size) == ("adam", 2e-3, 1000, 64)
+    assert ptb.task.steps == 99 and ptb.model.max_length == 99 and ptb.model.recurrent_init == "orthogonal"
+    text8 = make_cfg("task=text8")
+    assert (text8.optim.lr, text8.model.hidden_size, text8.task.batch_size, text8.task.steps) == (1e-3, 2000, 128, 179)
+    # initial-state noise for the BN models on sequential MNIST only, as the authors did
+    assert make_cfg("task=smnist", "model=bn_lstm").model.init_state_noise == 0.1
+    assert make_cfg("task=smnist", "model=lstm").model.init_state_noise == 0.0
+    assert make_cfg("task=pmnist", "model=bn_lstm").model.init_state_noise == 0.0
+
+
+def test_command_line_overrides_beat_the_task_setup():
+    cfg = make_cfg("task=ptb", "optim=rmsprop", "model.hidden_size=32", "optim.lr=0.01")
+    assert (cfg.optim.name, cfg.model.hidden_size, cfg.optim.lr) == ("rmsprop", 32, 0.01)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(experiment):
+    cfg = make_cfg(f"experiment={experiment}", "model=lstm")
+    validate(cfg)
+    task = experiment.split("_", 1)[1]
+    assert cfg.task.name == task
+    if experiment.startswith("cpu_"):
+        paper = make_cfg(f"experiment=paper_{task}", "model=lstm")
+        assert cfg.trainer.max_steps < paper.trainer.max_steps
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm"])
+def test_launcher_presets_compose(launcher):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert "launcher" in cfg.hydra.launcher._target_.lower()
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.hidden_size=-3", "model.hidden_size"),
+    ("model.gamma_init=0", "model.gamma_init"),
+    ("model.gamma_init=-0.1", "model.gamma_init"),
+    ("task.batch_size=1", "task.batch_size"),
+    ("trainer.max_steps=0", "trainer.max_steps"),
+    ("optim.lr=-1", "optim.lr"),
+    ("trainer.device=gpu", "trainer.device"),
+    ("task.permutation=shuffled", "task.permutation"),
+    ("model.dropout=1.5", "model.dropout"),
+    ("logger.mode=maybe", "logger.mode"),
+    ("model.norm_terms=[input,hidden]", "model"),
+    ("model.recurrent_init=eye", "model"),
+])
+def test_bad_values_raise_one_line_naming_the_key(override, key):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError) as error:
+        validate(cfg)
+    message = str(error.value)
+    assert message.startswith(key) and "\n" not in message
+
+
+def test_a_batch_of_one_is_fine_without_batch_norm():
+    validate(make_cfg("model=ln_lstm", "task.batch_size=1"))
+
+
+def test_configs_resolve_without_missing_values():
+    for task in TASKS:
+        cfg = make_cfg(f"task={task}")
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)

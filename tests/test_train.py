@@ -1,0 +1,258 @@
+"""The trainer end to end: every task on tiny fixtures (and the real digits), resume after SIGTERM and SIGKILL,
+wandb offline, a multirun with a failing job, `make train` as the README says, and the errors a user can cause."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fixtures import make_mnist, make_ptb, make_text8, ptb_char_text, text8_like
+from hydra import compose, initialize_config_dir
+
+from recurrent_bn.config import CONF_DIR
+from recurrent_bn.errors import ConfigError, DataNotFoundError
+from recurrent_bn.tasks import Task
+from recurrent_bn.trainer import Diverged, train
+
+REPO = CONF_DIR.parent
+TIMING_COLUMNS = ("elapsed_s", "seq_per_s")
+WORDS = "the cat sat on a mat and dog ran far N miles <unk> to see my old friend 's house".split()
+
+
+def make_cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with (run_dir / "metrics.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """Tiny real-format MNIST, PTB-char and text8 files."""
+    root = tmp_path_factory.mktemp("data")
+    make_mnist(root, num_train=60, num_test=20)
+    rng = np.random.default_rng(0)
+    lines = {split: [" " + " ".join(rng.choice(WORDS, 12)) + " " for _ in range(n)]
+             for split, n in (("train", 40), ("valid", 8), ("test", 8))}
+    make_ptb(root, lines)
+    make_text8(root, text8_like(6000))
+    return root
+
+
+def ptb_vocabulary_size() -> int:
+    return len(set(ptb_char_text([" ".join(WORDS)])[0::2]))
+
+
+TINY = ["model.hidden_size=8", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+        "trainer.log_every=2", "logger=csv", "data.verify=false"]
+TASK_OVERRIDES = {
+    "pmnist": ["task=pmnist", "task.valid_size=10", "task.batch_size=5", "task.eval_batch_size=10"],
+    "smnist": ["task=smnist", "task.valid_size=10", "task.batch_size=5", "task.eval_batch_size=10"],
+    "ptb": ["task=ptb", "task.seq_len=12", "task.eval_seq_len=12", "task.batch_size=4", "task.eval_batch_size=8",
+            "task.eval_streams=2", f"task.num_classes={ptb_vocabulary_size()}",
+            f"task.input_size={ptb_vocabulary_size()}"],
+    "text8": ["task=text8", "task.seq_len=12", "task.eval_seq_len=12", "task.batch_size=4", "task.eval_batch_size=8",
+              "task.eval_streams=2", "task.valid_size=600", "task.test_size=600"],
+    "digits": ["task=digits", "task.batch_size=16"],
+}
+
+
+@pytest.mark.parametrize("task", list(TASK_OVERRIDES))
+@pytest.mark.parametrize("model", ["bn_lstm", "lstm"])
+def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(tmp_path, data_root, task, model):
+    cfg = make_cfg(*TASK_OVERRIDES[task], f"model={model}", *TINY, f"data.root={data_root}")
+    summary = train(cfg, tmp_path / "run")
+    run = tmp_path / "run"
+    rows = read_metrics(run)
+    metric = "acc" if task in ("pmnist", "smnist", "digits") else "bpc"
+    assert [r["split"] for r in rows].count("train") == 3 and [r["split"] for r in rows].count("valid") == 2
+    assert [r["split"] for r in rows][-1] in ("test", "test_stream")
+    for row in rows:
+        assert float(row["loss"]) > 0 and row[metric] != "" and int(row["step"]) <= 6
+        if metric == "bpc":
+            assert abs(float(row["bpc"]) - float(row["loss"]) / np.log(2)) < 1e-5
+        if row["split"] == "train":
+            assert float(row["grad_norm"]) > 0 and float(row["lr"]) > 0 and float(row["seq_per_s"]) > 0
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["status"] == "completed" and saved["steps"] == 6 and saved["metric"] == metric
+    assert saved["test_metric"] == summary["test_metric"] and saved["best_step"] in (3, 6)
+    assert saved["config"]["task"]["name"] == task and saved["torch_version"] == torch.__version__
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 6 and set(checkpoint) >= {"model", "optimizer", "scheduler", "data", "rng"}
+    assert (run / "best.pt").exists() and (run / "final.pt").exists() and (run / "config.yaml").exists()
+    if task == "pmnist":
+        order = json.loads((run / "pixel_order.json").read_text())["order"]
+        assert sorted(order) == list(range(784))
+
+
+def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_root):
+    cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY, "trainer.estimate_batches=3")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["estimation_batches"] == 3
+    final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["model"]
+    tracked = final["recurrent.norm_hh_l0.num_batches_tracked"]
+    assert tracked.max() == 3  # a plain average over 3 batches, not the moving average of training
+
+
+def test_same_seed_gives_identical_metrics_on_cpu(tmp_path):
+    rows = []
+    for name in ("a", "b"):
+        train(make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY), tmp_path / name)
+        rows.append(without_timing(read_metrics(tmp_path / name)))
+    assert rows[0] == rows[1]
+
+
+def test_digits_bn_lstm_learns(tmp_path):
+    """The real digits task: a short run must beat chance clearly (10 classes)."""
+    cfg = make_cfg("task=digits", "model=bn_lstm", "model.hidden_size=32", "trainer.max_steps=150",
+                   "trainer.eval_every=150", "logger=csv", "optim.lr=0.005")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["best_valid_metric"] > 0.3 and summary["test_metric"] > 0.3
+
+
+def test_missing_dataset_stops_before_training_with_one_line(tmp_path):
+    cfg = make_cfg("task=pmnist", f"data.root={tmp_path / 'empty'}", "logger=csv")
+    with pytest.raises(DataNotFoundError) as error:
+        train(cfg, tmp_path / "run")
+    assert "\n" not in str(error.value) and "make data" in str(error.value)
+
+
+def test_bad_config_value_stops_before_loading_data(tmp_path):
+    cfg = make_cfg("task=pmnist", "model.gamma_init=-1", f"data.root={tmp_path / 'empty'}")
+    with pytest.raises(ConfigError, match="model.gamma_init"):
+        train(cfg, tmp_path / "run")
+
+
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    original = Task.loss
+    calls = []
+
+    def loss_that_turns_nan(self, model, x, y):
+        loss, metric, count = original(self, model, x, y)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 5 else loss), metric, count
+
+    monkeypatch.setattr(Task, "loss", loss_that_turns_nan)
+    cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=lstm", *TINY, "trainer.max_steps=40",
+                   "trainer.checkpoint_every=2", "trainer.log_every=3", "trainer.eval_every=100")
+    with pytest.raises(Diverged, match="non-finite between steps 4 and 6"):
+        train(cfg, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    checkpoint = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert checkpoint["step"] == 4
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_wandb_runs_offline_without_network_or_key(tmp_path, monkeypatch):
+    for variable in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored key
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home" / ".config"))
+    cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=lstm", *TINY, "logger=wandb")
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert len(read_metrics(tmp_path / "run")) > 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+# ------------------------------------------------------------------------------------------ subprocesses
+
+
+def run_cli(*args: str, cwd: Path = REPO, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "recurrent_bn.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kwargs)
+
+
+RESUME_ARGS = ["task=digits", "model=bn_lstm", "model.hidden_size=32", "trainer.max_steps=160",
+               "trainer.log_every=5", "trainer.eval_every=40", "trainer.checkpoint_every=30", "logger=csv",
+               "trainer.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli(*RESUME_ARGS, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return without_timing(read_metrics(run_dir))
+
+
+def start_and_stop(run_dir: Path, send: signal.Signals, after_step: int) -> None:
+    """Start a run, wait until metrics.csv reaches `after_step` (and a checkpoint exists), then signal it."""
+    process = subprocess.Popen([sys.executable, "-m", "recurrent_bn.train", *RESUME_ARGS, f"hydra.run.dir={run_dir}"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if (run_dir / "last.pt").exists() and (run_dir / "metrics.csv").exists():
+            rows = read_metrics(run_dir)
+            if rows and int(rows[-1]["step"]) >= after_step:
+                break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be interrupted"
+    process.send_signal(send)
+    output, _ = process.communicate(timeout=120)
+    if send == signal.SIGTERM:
+        assert process.returncode == 0, output[-2000:]
+        assert "resume=" in output
+        assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.parametrize("send,after_step", [(signal.SIGTERM, 45), (signal.SIGKILL, 65)])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, uninterrupted, send, after_step):
+    run_dir = tmp_path / "run"
+    start_and_stop(run_dir, send, after_step)
+    result = run_cli(f"resume={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = without_timing(read_metrics(run_dir))
+    assert resumed == uninterrupted  # every row once, the same numbers
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_multirun_reports_every_job_and_a_failing_one_does_not_lose_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("--multirun", "task=digits", "model=bn_lstm", "model.gamma_init=0.5,-1", "model.hidden_size=8",
+                     "trainer.max_steps=4", "trainer.eval_every=2", "logger=csv", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 1
+    table = list(csv.DictReader((sweep / "sweep.csv").open()))
+    assert [row["overrides"] for row in table] == ["task=digits model=bn_lstm model.gamma_init=0.5 "
+                                                   "model.hidden_size=8 trainer.max_steps=4 trainer.eval_every=2 "
+                                                   "logger=csv", table[1]["overrides"]]
+    assert [row["status"] for row in table] == ["completed", "failed"]
+    assert float(table[0]["best_valid"]) > 0 and "model.gamma_init" in table[1]["error"]
+    assert "model.gamma_init=-1" in result.stdout and "completed" in result.stdout
+
+
+def test_user_errors_are_one_line_and_exit_2(tmp_path):
+    result = run_cli("task=pmnist", f"data.root={tmp_path}", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "make data" in result.stderr
+    result = run_cli("task=digits", "model.hidden_size=-1", f"hydra.run.dir={tmp_path / 'run2'}")
+    assert result.returncode == 2 and "model.hidden_size" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_make_train_runs_as_the_readme_says(tmp_path):
+    env = {**os.environ, "MAKEFLAGS": ""}
+    result = subprocess.run(
+        ["make", "train", "TASK=digits", "MODEL=lstm",
+         f"ARGS=trainer.max_steps=4 trainer.eval_every=2 logger=csv hydra.run.dir={tmp_path / 'run'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
