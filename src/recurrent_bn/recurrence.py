@@ -54,7 +54,10 @@ class StepNorm:
             self.kind = "batch"
         elif isinstance(module, RecurrentBatchNorm):
             self.kind = "affine"
-            self.scale, self.shift = module.affine(*module.population_statistics(start_step, steps))
+            # unbind, not indexing in the loop: the backward of x[t] allocates a zero tensor of x's full size per
+            # step (quadratic in T); unbind's backward stacks the per-step gradients once.
+            scale, shift = module.affine(*module.population_statistics(start_step, steps))
+            self.scale, self.shift = scale.unbind(0), shift.unbind(0)
         else:
             raise TypeError(f"unsupported normalization module {type(module).__name__}")
 
@@ -109,9 +112,10 @@ def lstm(
     recurrent = StepNorm(norm_hh, steps, mask, start_step)
     cell = StepNorm(norm_c, steps, mask, start_step)
     weight_hh_t = weight_hh.t()
+    inputs = input_term.unbind(0)  # see StepNorm: indexing in the loop would make the backward quadratic in T
     outputs = []
     for step in range(steps):
-        gates = input_term[step] + recurrent(torch.mm(h, weight_hh_t), step)
+        gates = inputs[step] + recurrent(torch.mm(h, weight_hh_t), step)
         i, f, g, o = gates.chunk(4, 1)
         c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h_next = torch.sigmoid(o) * torch.tanh(cell(c_next, step))
@@ -150,9 +154,10 @@ def rnn(
     total = StepNorm(norm_sum, steps, mask, start_step)
     activation = ACTIVATIONS[nonlinearity]
     weight_hh_t = weight_hh.t()
+    inputs = input_term.unbind(0)
     outputs = []
     for step in range(steps):
-        h_next = activation(total(input_term[step] + recurrent(torch.mm(h, weight_hh_t), step), step))
+        h_next = activation(total(inputs[step] + recurrent(torch.mm(h, weight_hh_t), step), step))
         if mask is None:
             h = h_next
             outputs.append(h)
