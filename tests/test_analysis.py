@@ -1,0 +1,295 @@
+"""The analyses against mathematics: the expected tanh derivative, the stepwise gradient flow (equal to one call
+and to plain autograd, exact through zero-variance steps and past float64's range), population statistics,
+bpc against the evaluation length, and the loaders of runs."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_figures import shared_results_tree
+from torch.nn import functional as F
+
+import recurrent_bn
+from recurrent_bn import analysis
+from recurrent_bn.models import SequenceClassifier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def results_tree(tmp_path_factory) -> Path:
+    """The results tree of real short runs that test_figures.py builds (once per session)."""
+    return shared_results_tree(tmp_path_factory)
+
+
+def classifier(layer: torch.nn.Module) -> SequenceClassifier:
+    return SequenceClassifier(layer, 10).double()
+
+
+def pixels(steps: int = 24, batch: int = 12, zero_steps: int = 0, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-negative pixel-like inputs (T, B, 1), the first `zero_steps` all zero as at the top of MNIST images."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(steps, batch, 1, generator=generator, dtype=torch.float64)
+    x[:zero_steps] = 0
+    return x, torch.randint(0, 10, (batch,), generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ Figure 1b
+
+
+def test_expected_tanh_derivative_matches_the_paper_and_monte_carlo():
+    table = analysis.expected_tanh_derivative([0.1, 0.5, 1.0])
+    assert table["mean"].round(2).tolist() == [0.99, 0.83, 0.61]
+    generator = np.random.default_rng(0)
+    samples = 400_000
+    for row in table.itertuples():
+        derivative = analysis.tanh_derivative(row.sigma * generator.standard_normal(samples))
+        standard_error = derivative.std() / math.sqrt(samples)
+        assert abs(derivative.mean() - row.mean) < 4 * standard_error
+        for q, column in ((0.25, "q25"), (0.5, "q50"), (0.75, "q75")):
+            assert abs(np.quantile(derivative, q) - getattr(row, column)) < 3e-3
+
+
+def test_expected_tanh_derivative_is_one_at_zero_and_decreases():
+    table = analysis.expected_tanh_derivative(np.linspace(0, 2, 21))
+    assert table["mean"].iloc[0] == pytest.approx(1.0)
+    assert (np.diff(table["mean"]) < 0).all()
+    assert ((table["q25"] <= table["q50"]) & (table["q50"] <= table["q75"])).all()
+
+
+# ------------------------------------------------------------------------------------------------ Figure 1a
+
+
+REFERENCE = {"backend": "reference"}  # the plain-PyTorch loops: what the analysis differentiates
+LAYERS = {
+    "bn_rnn_sum": lambda: recurrent_bn.RNN(1, 8, norm="bn", recurrent_init="identity", gamma_init=0.5, max_length=30,
+                                           **REFERENCE),
+    "bn_rnn_separate_noise": lambda: recurrent_bn.RNN(1, 8, norm="bn", norm_placement="separate", max_length=30,
+                                                      init_state_noise=0.1, **REFERENCE),
+    "bn_lstm_noise": lambda: recurrent_bn.LSTM(1, 8, norm="bn", max_length=30, init_state_noise=0.1, **REFERENCE),
+    "ln_lstm": lambda: recurrent_bn.LSTM(1, 8, norm="ln", max_length=30, **REFERENCE),
+    "lstm_two_layers": lambda: recurrent_bn.LSTM(1, 8, 2, max_length=30, **REFERENCE),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_stepwise_run_equals_the_one_call_run_in_training_mode(name):
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double().train()
+    x, _ = pixels()
+    torch.manual_seed(1)
+    expected, final = layer(x)
+    torch.manual_seed(1)
+    output, _, produced = analysis.stepwise_forward(layer, x)
+    torch.testing.assert_close(output, expected, rtol=0, atol=1e-12)
+    for ours, theirs in zip(produced[-1], final if isinstance(final, tuple) else (final,), strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["bn_rnn_sum", "bn_rnn_separate_noise", "bn_lstm_noise", "ln_lstm"])
+def test_stepwise_gradient_flow_equals_plain_autograd(name):
+    """The rescaled step-by-step backward pass gives the same ‖∂loss/∂h_t‖ as one autograd pass with retained
+    gradients, where no norm leaves float64's range."""
+    torch.manual_seed(0)
+    model = classifier(LAYERS[name]())
+    x, y = pixels()
+    flow = analysis.gradient_flow(model, x, y, seed=3)
+    reference = copy.deepcopy(model).train()
+    torch.manual_seed(3)
+    _, _, produced = analysis.stepwise_forward(reference.recurrent, x)
+    states = [state[0] for state in produced]
+    for state in states:
+        state.retain_grad()
+    F.cross_entropy(reference.head(states[-1][-1]), y).backward()
+    expected = np.array([float(s.grad[-1].norm(dim=-1).mean()) for s in states])
+    np.testing.assert_allclose(flow["grad_norm"], expected, rtol=1e-9)
+    assert flow["t"].tolist() == list(range(1, x.shape[0] + 1))
+
+
+def test_tanh_rnn_with_zero_recurrent_weights_has_no_gradient_before_the_last_step():
+    torch.manual_seed(0)
+    model = classifier(recurrent_bn.RNN(1, 8, **REFERENCE))
+    with torch.no_grad():
+        model.recurrent.weight_hh_l0.zero_()
+    x, y = pixels()
+    flow = analysis.gradient_flow(model, x, y)
+    assert flow["grad_norm"][-1] > 0
+    assert (flow["grad_norm"][:-1] == 0).all() and np.isneginf(flow["log10_grad_norm"][:-1]).all()
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_zero_variance_steps_multiply_the_gradient_by_gamma_over_sqrt_eps_past_float64s_range(gamma):
+    """While every example is identical (zero inputs, zero h_0), BN's Jacobian is γ/sqrt(eps) (I - 11ᵀ/B) and
+    tanh'(0) = 1, so with W_h = I each step back multiplies the (batch-centred) gradient by γ/sqrt(eps) exactly:
+    300 such steps reach 1e+450 (γ=0.1) or 1e+750, far past float64, without overflowing."""
+    torch.manual_seed(0)
+    model = classifier(recurrent_bn.RNN(1, 8, norm="bn", recurrent_init="identity", gamma_init=gamma,
+                                        max_length=400, **REFERENCE))
+    x, y = pixels(steps=320, zero_steps=300)
+    assert analysis.first_informative_step(x) == 300 and analysis.all_informative_step(x) == 300
+    log10 = analysis.gradient_flow(model, x, y)["log10_grad_norm"]
+    per_step = np.diff(log10[:299])
+    np.testing.assert_allclose(-per_step, math.log10(gamma / math.sqrt(1e-5)), atol=1e-9)
+    assert np.isfinite(log10).all() and log10[0] > 300
+
+
+def test_initial_state_noise_removes_the_zero_variance_explosion():
+    torch.manual_seed(0)
+    layer = recurrent_bn.RNN(1, 8, norm="bn", recurrent_init="identity", gamma_init=0.5, max_length=60, **REFERENCE)
+    x, y = pixels(steps=60, zero_steps=40)
+    plain = analysis.gradient_flow(classifier(layer), x, y)["log10_grad_norm"]
+    layer.init_state_noise = 0.1
+    noisy = analysis.gradient_flow(classifier(layer), x, y)["log10_grad_norm"]
+    assert plain[0] > 30 and noisy[0] < 2
+
+
+def test_gradient_flow_leaves_the_model_and_its_statistics_untouched():
+    torch.manual_seed(0)
+    model = SequenceClassifier(recurrent_bn.LSTM(1, 8, norm="bn", max_length=30, **REFERENCE), 10).eval()
+    before = copy.deepcopy(model.state_dict())
+    analysis.gradient_flow(model, *pixels())
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_gradient_flow_table_builds_models_from_the_trainers_configs():
+    x, y = pixels(steps=64, batch=10, zero_steps=5)
+    variants = (analysis.FlowVariant("bn_rnn", "bn_rnn", ("model.init_state_noise=0", "model.hidden_size=6"),
+                                     (0.1, 1.0)),
+                analysis.FlowVariant("lstm", "lstm", ("model.hidden_size=6",)))
+    flow = analysis.gradient_flow_table(variants, x.float(), y, task="digits")
+    assert len(flow) == 3 * 64
+    assert sorted(flow["gamma_init"].dropna().unique()) == [0.1, 1.0] and flow["gamma_init"].isna().sum() == 64
+    assert set(flow["recurrent_init"]) == {"identity"} and set(flow["hidden_size"]) == {6}
+    summary = analysis.summarize_gradient_flow(flow, first_informative=5)
+    bn = summary[summary["variant"] == "bn_rnn"].set_index("gamma_init")
+    assert (bn["t_of_max"] == 1).all() and (bn["n_above_1"] >= 3).all()  # the 5 zero steps explode
+    assert summary.loc[summary["variant"] == "lstm", "n_above_1"].item() == 0
+
+
+def test_summary_counts_steps_from_the_end_below_1e_26():
+    flow = pd.DataFrame({"variant": "v", "gamma_init": 0.5, "t": np.arange(1, 11),
+                         "log10_grad_norm": [5, -30, -30, -27, -20, -10, -5, -3, -2, -1]})
+    row = analysis.summarize_gradient_flow(flow).iloc[0]
+    assert row["steps_below_1e-26"] == 6 and row["n_above_1"] == 1 and row["max_log10"] == 5
+
+
+# ------------------------------------------------------------------------------- Figure 5, Figure 3b, runs
+
+
+def test_population_statistics_are_the_per_timestep_buffers_with_their_gates():
+    torch.manual_seed(0)
+    model = SequenceClassifier(recurrent_bn.LSTM(1, 6, norm="bn", max_length=20, **REFERENCE), 10)
+    batches = [pixels(steps=12, seed=s)[0].float() for s in range(3)]
+    recurrent_bn.estimate_population_statistics(model, batches)
+    stats = analysis.population_statistics(model.state_dict(), units=5, seed=1)
+    assert set(stats["term"]) == {"recurrent", "cell", "input"} and stats["t"].max() == 12  # trained_length
+    norm = model.recurrent.norm_hh_l0
+    for unit, rows in stats[stats["term"] == "recurrent"].groupby("unit"):
+        np.testing.assert_allclose(rows["mean"], norm.running_mean[:12, unit].double().numpy())
+        np.testing.assert_allclose(rows["var"], norm.running_var[:12, unit].double().numpy())
+        assert rows["gate"].iloc[0] == "ifgo"[unit // 6]
+    assert set(stats.loc[stats["term"] == "cell", "gate"]) == {""}
+    assert (analysis.settling_step(stats)["median_settling_step"] >= 1).all()
+
+
+def test_population_statistics_refuse_a_model_without_batch_norm():
+    with pytest.raises(ValueError, match="no per-timestep"):
+        analysis.population_statistics(SequenceClassifier(recurrent_bn.LSTM(1, 4, **REFERENCE), 10).state_dict())
+
+
+def test_batch_statistics_copy_normalizes_with_each_minibatch_and_leaves_the_original_alone():
+    torch.manual_seed(0)
+    model = SequenceClassifier(recurrent_bn.LSTM(1, 6, norm="bn", max_length=20, **REFERENCE), 10)
+    recurrent_bn.estimate_population_statistics(model, [pixels(steps=12, seed=s)[0].float() for s in range(3)])
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    batch_model = analysis.with_batch_statistics(model)
+    x = pixels(steps=30, seed=7)[0].float()  # longer than T_max = 12
+    with torch.no_grad():
+        ours = batch_model(x)
+        train_copy = copy.deepcopy(model).train()
+        expected = train_copy(x)
+        population = model(x)
+    torch.testing.assert_close(ours, expected)
+    assert not torch.allclose(ours, population)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
+    runs_root = results_tree / "runs"
+    bn_run = runs_root / "fig3_ptb" / "1"
+    frame = analysis.bpc_vs_length(bn_run, lengths=[12, 30], batch_size=2, limit=3)
+    assert set(frame["mode"]) == {"population", "batch"} and sorted(frame["length"].unique()) == [12, 30]
+    assert ((frame["bpc"] > 0) & (frame["bpc"] < 10)).all()
+    assert (frame.groupby("length")["characters"].nunique() == 1).all()  # the same segments in both modes
+    lstm = analysis.bpc_vs_length(runs_root / "fig3_ptb" / "0", lengths=[12], batch_size=2, limit=3)
+    assert lstm["mode"].tolist() == ["none"]
+
+    runs = analysis.load_runs(runs_root)
+    assert {"fig2_digits", "fig3_ptb", "fig8_tanh_digits"} <= set(runs["experiment"])
+    assert set(runs["split"]) >= {"train", "valid", "test"}
+    one = runs[runs["run_dir"] == str(bn_run)]
+    assert set(one["task"]) == {"ptb"} and set(one["model"]) == {"bn_lstm"} and set(one["status"]) == {"completed"}
+    assert set(one["norm_terms"]) == {"input+recurrent+cell"} and set(one["hidden_size"]) == {8}
+    summaries = analysis.load_summaries(runs_root)
+    assert len(summaries) == runs["run_dir"].nunique() and summaries["test_metric"].notna().all()
+    assert set(analysis.select(summaries, "fig2")["experiment"]) == {"fig2_digits"}
+    shared = summaries[summaries["share_statistics_over_time"]]
+    assert set(shared["experiment"]) == {"fig7_shared_digits"}
+    assert analysis.load_runs(runs_root / "nothing here").empty
+
+
+def test_effective_norm_terms_resolve_each_models_default():
+    cases = {"lstm": "none", "bn_lstm": "input+recurrent+cell", "vbn_lstm": "input", "ln_lstm": "input+recurrent+cell",
+             "rnn": "none", "bn_rnn": "sum", "bn_linear_rnn": "input+recurrent", "ln_rnn": "sum"}
+    for model, expected in cases.items():
+        cfg = analysis.compose_config(model, task="digits")
+        assert analysis.effective_norm_terms(cfg.model) == expected, model
+    cfg = analysis.compose_config("bn_lstm", ["model.norm_terms=[recurrent,cell]"], task="digits")
+    assert analysis.effective_norm_terms(cfg.model) == "recurrent+cell"
+
+
+# ------------------------------------------------------------------------------------------------- wandb
+
+
+def load_export_script():
+    spec = importlib.util.spec_from_file_location("export_wandb", REPO / "scripts" / "export_wandb.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wandb_export_converts_a_run_into_the_layout_load_runs_reads(tmp_path):
+    export = load_export_script()
+    config = analysis.compose_config("bn_lstm", task="digits")
+    from omegaconf import OmegaConf
+
+    history = [  # as our trainer logs: one dict per step, train and valid rows of the same step merged
+        {"_step": 10, "_runtime": 1.0, "train/loss": 2.0, "train/acc": 0.2, "train/grad_norm": 0.5, "train/lr": 1e-3},
+        {"_step": 20, "train/loss": 1.5, "train/acc": 0.4, "valid/loss": 1.6, "valid/acc": 0.35, "valid/bpc": None},
+        {"_step": 20, "test/loss": 1.7, "test/acc": 0.33},
+    ]
+    run = SimpleNamespace(id="abc123", name="digits-bn_lstm-0", state="finished", url="https://wandb.ai/x/y/abc123",
+                          config={**OmegaConf.to_container(config, resolve=True), "_wandb": {"x": 1}},
+                          summary={"best_valid_metric": 0.35, "best_step": 20, "test_metric": 0.33, "steps": 20},
+                          scan_history=lambda: iter(history))
+    run_dir = export.run_to_files(run, tmp_path / "fig2_wandb")
+    runs = analysis.load_runs(tmp_path)
+    assert runs[["step", "split"]].values.tolist() == [[10, "train"], [20, "train"], [20, "valid"], [20, "test"]]
+    assert runs["acc"].tolist() == [0.2, 0.4, 0.35, 0.33] and runs["lr_now"].iloc[0] == 1e-3
+    assert set(runs["task"]) == {"digits"} and set(runs["model"]) == {"bn_lstm"}
+    assert set(runs["status"]) == {"completed"} and set(runs["experiment"]) == {"fig2_wandb"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["test_metric"] == 0.33 and "_wandb" not in summary["config"]

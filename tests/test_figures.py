@@ -1,0 +1,265 @@
+"""Every figure and table function draws from a small results tree made of real short runs (sklearn digits and
+tiny PTB-format text, trained here), says what is missing instead of failing, and `make figures` writes them all.
+
+The tree is built once per session by `results_tree`, which test_analysis.py and test_notebooks.py import too.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from fixtures import make_ptb
+from hydra import compose, initialize_config_dir
+from matplotlib.figure import Figure
+
+from recurrent_bn import analysis, data, figures
+from recurrent_bn.config import CONF_DIR
+from recurrent_bn.trainer import train
+
+REPO = CONF_DIR.parent
+TINY = ["model.hidden_size=8", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.checkpoint_every=3",
+        "trainer.log_every=2", "logger=csv", "data.verify=false", "trainer.threads=1",
+        "model.backend=reference"]  # the fused LSTM kernels are tested elsewhere; here they would only cost a build
+DIGITS = ["task=digits", "task.batch_size=16"]
+WORDS = "the cat sat on a mat and dog ran far N miles <unk> to see my old friend 's house".split()
+RUNS = {  # sweep directory → one list of overrides per job, as the experiments/ scripts lay them out
+    "fig2_digits": [[*DIGITS, f"model={m}"] for m in ("lstm", "bn_lstm", "vbn_lstm", "ln_lstm")],
+    "fig3_ptb": [["PTB", f"model={m}"] for m in ("lstm", "bn_lstm")],
+    "fig6_gamma_digits": [[*DIGITS, "model=bn_lstm", f"model.gamma_init={g}"] for g in (0.1, 1.0)],
+    "fig6_gamma_ptb": [["PTB", "model=bn_lstm", f"model.gamma_init={g}"] for g in (0.1, 1.0)],
+    "fig7_terms_digits": [[*DIGITS, "model=bn_lstm", f"model.norm_terms={t}"]
+                          for t in ("[input]", "[recurrent,cell]", "[input,recurrent,cell]")],
+    "fig7_shared_digits": [[*DIGITS, "model=bn_lstm", "model.share_statistics_over_time=true"]],
+    "fig7_baseline_digits": [[*DIGITS, "model=lstm"]],
+    "fig8_tanh_digits": [[*DIGITS, f"model={m}"] for m in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn")],
+}
+_BUILT: dict[str, Path] = {}
+
+
+def _compose(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def build_results_tree(root: Path) -> Path:
+    """results/ in miniature: runs/<sweep>/<job>/ from real 6-step trainings, the analyses, the reference."""
+    torch.manual_seed(0)
+    data_root = root / "data"
+    generator = np.random.default_rng(0)
+    make_ptb(data_root, {split: [" " + " ".join(generator.choice(WORDS, 12)) + " " for _ in range(count)]
+                         for split, count in (("train", 40), ("valid", 8), ("test", 8))})
+    vocabulary = len(data.load_ptb_chars(data_root, verify=False)[1])
+    ptb = ["task=ptb", "task.seq_len=12", "task.eval_seq_len=12", "task.batch_size=4", "task.eval_batch_size=8",
+           "task.eval_streams=2", f"task.num_classes={vocabulary}", f"task.input_size={vocabulary}",
+           f"data.root={data_root}"]
+    results = root / "results"
+    for sweep, jobs in RUNS.items():
+        for job, overrides in enumerate(jobs):
+            overrides = [o for part in overrides for o in (ptb if part == "PTB" else [part])]
+            train(_compose([*overrides, *TINY]), results / "runs" / sweep / str(job))
+    torch.set_num_threads(1)
+
+    pixels, labels = data.load_digits()["train"]
+    blank_top = (pixels[:, :3] == 0).all(1).nonzero()[:20, 0]  # 3 zero steps for every example, as MNIST's ~100
+    x, y = next(data.class_eval_batches(pixels[blank_top], labels[blank_top], 20, device="cpu", pixel_max=16))
+    variants = [analysis.FlowVariant(v.name, v.model, (*v.overrides, "model.hidden_size=6"),
+                                     tuple(g for g in v.gammas if g in (None, 0.1, 1.0)))
+                for v in analysis.FIGURE_1A_VARIANTS + analysis.TANH_QUESTION_VARIANTS]
+    flow = analysis.gradient_flow_table(variants, x, y, task="digits")
+    meta = analysis.provenance("tests", task="digits", batch="20 sklearn digits whose first 3 pixels are 0",
+                               first_informative_step_0based=analysis.first_informative_step(x),
+                               all_informative_step_0based=analysis.all_informative_step(x))
+    analysis.write_analysis(flow, results / "analysis" / "fig1a_gradient_flow.csv", meta)
+    analysis.write_analysis(analysis.expected_tanh_derivative(np.linspace(0, 2, 41)),
+                            results / "analysis" / "fig1b_tanh_derivative.csv", analysis.provenance("tests"))
+    lengths = pd.concat([analysis.bpc_vs_length(results / "runs" / "fig3_ptb" / job, [12, 24], batch_size=2, limit=2)
+                         for job in ("0", "1")], ignore_index=True)
+    analysis.write_analysis(lengths, results / "analysis" / "fig3b_bpc_vs_length.csv", analysis.provenance("tests"))
+    stats = analysis.population_statistics(results / "runs" / "fig3_ptb" / "1", units=5)
+    analysis.write_analysis(stats, results / "analysis" / "fig5_population_statistics.csv",
+                            analysis.provenance("tests", run_dir=str(results / "runs" / "fig3_ptb" / "1"), units=5))
+    shutil.copy(REPO / "results" / "paper_reference.csv", results / "paper_reference.csv")
+    return results
+
+
+def shared_results_tree(tmp_path_factory) -> Path:
+    """The small results folder of `build_results_tree`, built once per test session whichever module asks first
+    (test_analysis.py and test_notebooks.py use it too)."""
+    if "tree" not in _BUILT:
+        threads = torch.get_num_threads()
+        try:
+            _BUILT["tree"] = build_results_tree(tmp_path_factory.mktemp("results_tree"))
+        finally:
+            torch.set_num_threads(threads)
+    return _BUILT["tree"]
+
+
+@pytest.fixture(scope="session")
+def results_tree(tmp_path_factory) -> Path:
+    return shared_results_tree(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def results(results_tree) -> figures.Results:
+    return figures.Results(results_tree)
+
+
+def lines_of(fig: Figure) -> int:
+    return sum(len(ax.get_lines()) for ax in fig.axes)
+
+
+def texts_of(fig: Figure) -> str:
+    return "\n".join([t.get_text() for ax in fig.axes for t in ax.texts] + [t.get_text() for t in fig.texts])
+
+
+def labels_of(fig: Figure) -> list[str]:
+    return [label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]]
+
+
+def saves(fig: Figure, tmp_path: Path) -> bool:
+    path = tmp_path / "figure.png"
+    fig.savefig(path, dpi=40)
+    return path.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+
+def test_figure_1a_shows_the_whole_range_and_what_the_cap_hides(results, tmp_path):
+    flow = results.analysis("fig1a_gradient_flow")
+    fig = figures.figure_1a(flow, meta=results.analysis_meta("fig1a_gradient_flow"))
+    assert len(fig.axes) == 9 and lines_of(fig) > 30 and saves(fig, tmp_path)
+    capped = fig.axes[1]
+    assert capped.get_ylim()[1] == 0  # log10(1)
+    hidden = flow[(flow["variant"] == "bn_rnn") & (flow["log10_grad_norm"] > 0)]
+    assert not hidden.empty and "hides" in texts_of(fig)
+    assert fig.axes[0].get_ylim()[1] >= hidden["log10_grad_norm"].max()  # the uncapped panel shows the peak
+
+
+def test_figure_1b_draws_the_mean_and_the_band(results, tmp_path):
+    fig = figures.figure_1b(results.analysis("fig1b_tanh_derivative"))
+    assert "0.61" in texts_of(fig) and "0.83" in texts_of(fig) and saves(fig, tmp_path)
+
+
+def test_figure_2_draws_one_line_per_run_and_names_missing_models(results, tmp_path):
+    runs = results.runs_of("fig2")
+    fig = figures.figure_2(runs, results.reference)
+    assert [ax.get_title() for ax in fig.axes] == ["sklearn digits (8×8, 64 steps)"]
+    assert lines_of(fig) == runs["run_dir"].nunique() and saves(fig, tmp_path)
+    assert "6 steps, hidden 8, batch 16" in texts_of(fig)
+    fewer = figures.figure_2(runs[runs["model"].isin(["lstm", "bn_lstm"])], results.reference)
+    assert "missing digits models: vbn_lstm, ln_lstm" in texts_of(fewer)
+
+
+def test_figure_2_shows_the_papers_values_for_the_mnist_tasks(results):
+    runs = results.runs_of("fig2").assign(task="pmnist")  # relabelled in memory only, to reach the pMNIST panel
+    fig = figures.figure_2(runs, results.reference)
+    assert {"paper BN-LSTM @ 20k: 0.92", "paper LSTM @ 100k (plateau): 0.9"} <= set(labels_of(fig))
+
+
+def test_figure_3a_and_3b_put_the_papers_values_beside_ours(results, tmp_path):
+    fig = figures.figure_3a(results.runs_of("fig3"), results.reference)
+    assert lines_of(fig) == 4 and "paper test BN-LSTM: 1.32" in labels_of(fig) and saves(fig, tmp_path)
+    fig = figures.figure_3b(results.analysis("fig3b_bpc_vs_length"), results.reference)
+    ours, paper = fig.axes
+    assert [line.get_label() for line in ours.get_lines()] == [
+        "LSTM", "BN-LSTM, population statistics", "BN-LSTM, batch statistics"]
+    assert paper.get_lines()[1].get_ydata().tolist() == [1.398, 1.333]
+
+
+def test_figure_5_draws_every_sampled_unit_and_names_the_run(results, tmp_path):
+    stats = results.analysis("fig5_population_statistics")
+    fig = figures.all_figures(results)["fig5_population_statistics"]
+    units = stats.groupby("term")["unit"].nunique()
+    assert lines_of(fig) == 2 * units.sum() + 2 * len(units)  # a line per unit and statistic, plus settling marks
+    assert "ptb: scale: 6 steps, hidden 8, batch 4 — 1 run" in texts_of(fig) and "fig3_ptb/1" in texts_of(fig)
+    assert saves(fig, tmp_path)
+
+
+def test_figure_6_plots_ptb_in_bits_and_says_the_paper_used_nats(results, tmp_path):
+    runs = results.runs_of("fig6")
+    fig = figures.figure_6(runs)
+    assert len(fig.axes) == 4 and "nats" in texts_of(fig) and saves(fig, tmp_path)
+    ptb_valid = [ax for ax in fig.axes if ax.get_title() == "Penn Treebank characters: valid"][0]
+    expected = runs[(runs["task"] == "ptb") & (runs["split"] == "valid")]["bpc"]
+    drawn = np.concatenate([line.get_ydata() for line in ptb_valid.get_lines()])
+    assert sorted(drawn) == sorted(expected)
+    assert "missing digits γ values: 0.3, 0.5, 0.7" in texts_of(fig)
+
+
+def test_figure_7_separates_shared_statistics_and_term_ablations(results, tmp_path):
+    fig = figures.figure_7(results.runs_of("fig7"))
+    shared, terms = fig.axes[:2]
+    assert sorted(line.get_label() for line in shared.get_lines()) == [
+        "BN of input+recurrent+cell", "BN of input+recurrent+cell, shared over time", "LSTM (no normalization)"]
+    assert {line.get_linestyle() for line in shared.get_lines()} == {"-", "--"}
+    assert len(terms.get_lines()) == 4 and saves(fig, tmp_path)
+
+
+def test_figure_8_compares_the_tanh_question_models_and_their_gradient_flow(results, tmp_path):
+    fig = figures.figure_8(results.runs_of("fig8"), results.analysis("fig1a_gradient_flow"),
+                           results.analysis_meta("fig1a_gradient_flow"))
+    curves, flow, tail = fig.axes
+    assert len(curves.get_lines()) == 4 and len(flow.get_lines()) == 4 and len(tail.get_lines()) == 4
+    assert "best valid" in texts_of(fig) and saves(fig, tmp_path)
+
+
+@pytest.mark.parametrize("function", [figures.figure_2, figures.figure_3a, figures.figure_6, figures.figure_7,
+                                      figures.figure_8, figures.figure_1a, figures.figure_1b, figures.figure_3b,
+                                      figures.figure_5])
+def test_every_figure_says_what_is_missing_instead_of_failing(function, tmp_path, caplog):
+    fig = function(pd.DataFrame())
+    assert isinstance(fig, Figure) and saves(fig, tmp_path)
+    assert "no " in texts_of(fig) and caplog.records
+
+
+# -------------------------------------------------------------------------------------------------- tables
+
+
+def test_paper_tables_hold_the_papers_rows_and_ours(results):
+    table2 = figures.paper_table(results.summaries_of("fig3"), results.reference, "table2")
+    paper = table2[table2["source"] == "paper"]
+    assert len(paper) == 8 and paper.set_index("model").loc["BN-LSTM", "ptb"] == 1.32
+    ours = table2[table2["source"] == "ours"].set_index("model")
+    assert set(ours.index) == {"LSTM", "BN-LSTM"} and (ours["runs"] == 1).all()
+    summaries = results.summaries_of("fig3").set_index("model")
+    assert ours.loc["BN-LSTM", "ptb"] == summaries.loc["bn_lstm", "test_metric"]
+    assert ours.loc["BN-LSTM", "ptb (stream)"] == summaries.loc["bn_lstm", "test_stream_bpc"]
+    assert "6 steps, hidden 8" in ours.loc["BN-LSTM", "scale"]
+
+    mnist = results.summaries_of("fig2").assign(task="smnist")  # relabelled in memory only
+    table1 = figures.paper_table(mnist, results.reference, "table1")
+    assert table1[table1["source"] == "paper"].set_index("model").loc["BN-LSTM", "pmnist"] == 95.4
+    ours = table1[table1["source"] == "ours"].set_index("model")
+    assert ours.loc["LSTM", "smnist"] == pytest.approx(100 * mnist.set_index("model").loc["lstm", "test_metric"])
+    assert np.isnan(ours.loc["LSTM", "pmnist"])
+    table3 = figures.paper_table(results.summaries_of("table3"), results.reference, "table3")
+    assert set(table3["source"]) == {"paper"} and len(table3) == 6
+    markdown = figures.to_markdown(table3)
+    assert markdown.splitlines()[0].startswith("| source | model | text8 |")
+    assert "| paper | BN-LSTM | 1.36 |" in markdown
+
+
+def test_scale_label_reads_the_runs_configs(results):
+    label = figures.scale_label(results.runs_of("fig6"))
+    assert "digits: scale: 6 steps, hidden 8, batch 16 — 2 runs" in label and "ptb: scale: 6 steps, hidden 8" in label
+    assert figures.scale_label(pd.DataFrame()) == "no runs"
+
+
+def test_make_figures_writes_every_figure_and_table(results_tree, tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import make_figures
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    out = tmp_path / "figures"
+    assert make_figures.main(["--results", str(results_tree), "--out", str(out), "--dpi", "30"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert {f"{name}.png" for name in figures.all_figures(figures.Results(results_tree))} <= names
+    assert {"table1.md", "table1.csv", "table2.md", "table3.md"} <= names
