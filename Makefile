@@ -31,8 +31,9 @@ sweep-gamma: $(STAMP) ## multirun over the BN gamma init: make sweep-gamma TASK=
 data: $(STAMP) ## download what is missing into the data root and verify every file
 	$(PY) scripts/download_data.py
 
-bench: $(STAMP) ## time the layers against torch.nn.LSTM; writes results/bench.csv
+bench: $(STAMP) ## time the layers against torch.nn.LSTM, then the trainer end to end; results/bench*.csv
 	$(PY) scripts/bench.py $(ARGS)
+	$(PY) scripts/bench_trainer.py
 
 figures: $(STAMP) ## draw every figure into results/figures/ from the stored results
 	$(PY) scripts/make_figures.py

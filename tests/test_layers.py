@@ -14,7 +14,6 @@ from torch import nn
 import recurrent_bn as rb
 from recurrent_bn.recurrence import fused_available
 
-torch.set_default_dtype(torch.float64)
 EPS = 1e-5
 
 BACKENDS = ["reference"] + (["fused"] if fused_available() else [])

@@ -279,15 +279,9 @@ class LSTM(_RecurrentStack):
         return getattr(self, f"bias_l{layer}", None)
 
     def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
-        norm_ih = getattr(self, f"norm_ih_l{layer}", None)
-        input_term = F.linear(x, getattr(self, f"weight_ih_l{layer}"))
-        if norm_ih is not None:
-            input_term = norm_ih(input_term, mask, start_step)
-        bias = self._bias(layer)
-        if bias is not None:
-            input_term = input_term + bias
+        # The loop computes the input term norm_ih(W_x x) + b (the fused kernels in the same pass as the gates).
         output, h, c = recurrence.lstm(
-            input_term,
+            x,
             state[0],
             state[1],
             getattr(self, f"weight_hh_l{layer}"),
@@ -296,6 +290,9 @@ class LSTM(_RecurrentStack):
             mask,
             start_step,
             fused=self._use_fused(),
+            weight_ih=getattr(self, f"weight_ih_l{layer}"),
+            norm_ih=getattr(self, f"norm_ih_l{layer}", None),
+            bias=self._bias(layer),
         )
         return output, (h, c)
 

@@ -1,30 +1,58 @@
 """The time loops: the part of each layer that must run one timestep after another.
 
-The input term (`W_x x_t`, normalized, plus the bias) arrives precomputed for every timestep; each step adds the
-recurrent term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
+The input term (`W_x x_t`, normalized, plus the bias) covers every timestep at once; each step adds the recurrent
+term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
 plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and the switch to the
-fused CPU kernels.
+fused CPU kernels of the LSTM (`fused.py`), which compute the same function with a hand-written backward.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
+_warned_unavailable = False
+
 
 def fused_available() -> bool:
-    """Whether the fused CPU kernels can be used in this process."""
-    return False
+    """Whether the fused CPU kernels can be used in this process (compiles them on first use)."""
+    from recurrent_bn import fused
+
+    return fused.available()
 
 
 def use_fused(backend: str) -> bool:
-    """Whether a layer with this `backend` setting runs the fused kernels."""
+    """Whether a layer with this `backend` setting asks for the fused kernels.
+
+    "reference" never does; "fused" does, and raises if they are unavailable; "auto" does when they are available,
+    and otherwise warns once per process and runs the reference loops. The device and dtype are only known when
+    the loop runs: `lstm` falls back to the reference loop for tensors the kernels do not cover (not on the CPU,
+    or neither float32 nor float64), whatever the backend.
+    """
+    global _warned_unavailable
+    if backend == "reference":
+        return False
+    if fused_available():
+        return True
+    from recurrent_bn import fused
+
     if backend == "fused":
-        raise RuntimeError("backend='fused' is not available in this build: use 'reference' or 'auto'")
+        raise RuntimeError(f"backend='fused' is unavailable: {fused.unavailable_reason()}; use backend='reference'")
+    if not _warned_unavailable:
+        _warned_unavailable = True
+        warnings.warn(
+            f"recurrent_bn: the fused CPU kernels are unavailable ({fused.unavailable_reason()}); "
+            "the layers run the slower reference loops",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return False
 
 
@@ -94,20 +122,44 @@ def lstm(
     start_step: int = 0,
     *,
     fused: bool = False,
+    weight_ih: Tensor | None = None,
+    norm_ih: nn.Module | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer's loop over time (paper eqs. 6-8 with the normalizations given, plain ones when None).
 
+    The input term `norm_ih(W_x x_t) + b` does not depend on the recurrence: it is computed for every timestep
+    before the loop (in one matrix product and one vectorized normalization), or by the fused kernels in the same
+    pass as the gates.
+
     Args:
-        input_term: (T, B, 4H), the normalized input term plus the bias, for every timestep.
+        input_term: the layer input x (T, B, I) when `weight_ih` is given (the layers pass it so), otherwise the
+            projection `W_x x` (T, B, 4H), or the whole input term when `norm_ih` and `bias` are None too.
         h, c: (B, H) initial states.
         weight_hh: (4H, H), gate order i, f, g, o.
         norm_hh: normalization of `W_h h_{t-1}` (4H features) or None.
         norm_c: normalization of `c_t` before the output tanh (H features) or None; c_t itself is carried.
         mask: (T, B) valid positions or None. Padded steps keep the state and output zeros.
         start_step: timestep index of input_term[0], which picks the batch-norm statistics.
+        fused: run the fused CPU kernels (see `use_fused`) if they cover these tensors.
+        weight_ih: W_x (4H, I) or None.
+        norm_ih: normalization of the projection (4H features) or None.
+        bias: (4H) added to the normalized projection, or None.
 
     Returns the output (T, B, H) and the final h and c.
     """
+    if fused and weight_ih is not None and _fused_covers(input_term, weight_ih, h, c, weight_hh):
+        from recurrent_bn import fused as fused_kernels
+
+        return fused_kernels.lstm(
+            input_term, weight_ih, h, c, weight_hh, norm_ih, bias, norm_hh, norm_c, mask, start_step
+        )
+    if weight_ih is not None:
+        input_term = F.linear(input_term, weight_ih)
+    if norm_ih is not None:
+        input_term = norm_ih(input_term, mask, start_step)
+    if bias is not None:
+        input_term = input_term + bias
     steps, batch = input_term.shape[:2]
     recurrent = StepNorm(norm_hh, steps, mask, start_step)
     cell = StepNorm(norm_c, steps, mask, start_step)
@@ -148,6 +200,9 @@ def rnn(
 
     `norm_hh` normalizes the recurrent term alone ("separate" placement), `norm_sum` the whole pre-activation
     ("sum" placement); either may be None. Other arguments as for `lstm`.
+
+    The RNN has no fused kernels (the performance targets are the LSTM variants): it always runs this loop, and a
+    layer with backend "fused" or "auto" runs it too.
     """
     steps, batch = input_term.shape[:2]
     recurrent = StepNorm(norm_hh, steps, mask, start_step)
@@ -168,3 +223,9 @@ def rnn(
     recurrent.finish(batch)
     total.finish(batch)
     return torch.stack(outputs), h
+
+
+def _fused_covers(*tensors: Tensor) -> bool:
+    from recurrent_bn import fused
+
+    return fused.supports(*tensors)

@@ -1,0 +1,236 @@
+"""The fused CPU path of the LSTM layers: a C++ loop over time with a hand-written backward through time.
+
+`recurrence.lstm` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
+float64 on the CPU. The kernels (`csrc/lstm.cpp`) are compiled with `torch.utils.cpp_extension` the first time they
+are needed (about 20-40 s, once per machine and PyTorch version) and loaded from PyTorch's extension cache
+(`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards. Without a working compiler, or with the
+environment variable `RBN_DISABLE_FUSED=1`, `available()` is False and the layers run the reference loops.
+
+One call covers one layer: the projection W_x x of every timestep, its normalization and the bias, the loop over
+time (recurrent term, its per-timestep normalization, gates, cell and its normalization), and in the backward the
+loop back through time and the gradients of every input. What it computes is defined by the reference loops in
+`recurrence.py`: per-timestep minibatch statistics over the active examples (biased variance, eps inside the square
+root, gradients through the statistics), the population statistics as a per-timestep affine map in evaluation,
+layer norm per example, padded steps carrying the state. The population statistics are updated here, after the
+loop, with the same calls the reference makes. The RNN layers have no fused kernels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, example_count
+
+log = logging.getLogger(__name__)
+
+# How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
+NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
+DTYPES = (torch.float32, torch.float64)
+DISABLE_ENV = "RBN_DISABLE_FUSED"
+SOURCES = [Path(__file__).parent / "csrc" / "lstm.cpp"]
+EXTENSION_NAME = "recurrent_bn_fused"
+# Below this many (batch x hidden) elements per timestep one thread does the whole step: splitting it would cost
+# more in synchronisation than it saves.
+MIN_PARALLEL_WORK = 2048
+
+_extension = None
+_reason: str | None = None
+_loaded = False
+
+
+def _load():
+    """Build (first use) or load (cached) the extension; remember why not if that fails."""
+    global _extension, _reason, _loaded
+    if _loaded:
+        return _extension
+    _loaded = True
+    if os.environ.get(DISABLE_ENV, "") not in ("", "0"):
+        _reason = f"{DISABLE_ENV}={os.environ[DISABLE_ENV]} is set"
+        return None
+    try:
+        # Importing cpp_extension logs a warning about CUDA_HOME on CUDA builds without a CUDA toolkit.
+        extension_log = logging.getLogger("torch.utils.cpp_extension")
+        level = extension_log.level
+        extension_log.setLevel(logging.ERROR)
+        try:
+            from torch.utils import cpp_extension
+        finally:
+            extension_log.setLevel(level)
+        start = time.perf_counter()
+        _extension = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=[str(path) for path in SOURCES],
+            # No -march=native: the kernels carry their own AVX2 / AVX-512 variants, chosen at run time.
+            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+        elapsed = time.perf_counter() - start
+        # A load from the cache takes a fraction of a second; anything longer was a compilation.
+        log.log(logging.INFO if elapsed > 5 else logging.DEBUG, "fused CPU kernels ready in %.1f s (%s)", elapsed,
+                _extension.kernel_variant())
+    except Exception as error:  # noqa: BLE001 - any failure to build means: use the reference loops
+        message = str(error).strip().splitlines()
+        _reason = f"building the C++ extension failed: {message[0] if message else type(error).__name__}"
+        _extension = None
+    return _extension
+
+
+def available() -> bool:
+    """Whether the fused kernels can run in this process (builds them on first use)."""
+    return _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why `available()` is False, or None."""
+    _load()
+    return _reason
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the fused kernels cover these tensors: all on the CPU, all float32 or all float64."""
+    dtype = tensors[0].dtype
+    return dtype in DTYPES and all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+
+
+def threads_for(batch: int, hidden: int) -> int:
+    """Threads for one layer's loop: PyTorch's setting, or one thread when a timestep is too small to split."""
+    return torch.get_num_threads() if batch * hidden >= MIN_PARALLEL_WORK else 1
+
+
+def _term(module: nn.Module | None, steps: int, start_step: int, input_term: bool):
+    """How one term is normalized: (kind, eps, [gamma, beta, scale, shift]) with None where absent."""
+    if module is None:
+        return NONE, 0.0, [None] * 4
+    if isinstance(module, RecurrentLayerNorm):
+        return LAYER, module.eps, [module.weight, module.bias, None, None]
+    if not isinstance(module, RecurrentBatchNorm):
+        raise TypeError(f"unsupported normalization module {type(module).__name__}")
+    if not module.training:
+        scale, shift = module.affine(*module.population_statistics(start_step, steps))
+        return AFFINE, 0.0, [None, None, scale.contiguous(), shift.contiguous()]
+    # Only the input term is normalized with statistics pooled over time (the reference's RecurrentBatchNorm.forward);
+    # inside the loop, statistics are per timestep and only the population slots are shared (StepNorm).
+    kind = SHARED if input_term and module.share_statistics_over_time else BATCH
+    return kind, module.eps, [module.weight, module.bias, None, None]
+
+
+def _empty(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
+    return [_empty(like) if t is None else t.detach() for t in tensors]
+
+
+class FusedLSTMFunction(torch.autograd.Function):
+    """One LSTM layer over a whole sequence, from its input x, with a hand-written backward through time.
+
+    Inputs: `config` (a dict: kinds, eps, threads; the forward stores the batch statistics in it), x (T, B, I),
+    W_x (4H, I), h0, c0 (B, H), W_h (4H, H), the bias (4H) or None, the mask (T, B) or None, then for each term
+    (input, recurrent, cell) gamma, beta, scale, shift (None where absent).
+    """
+
+    @staticmethod
+    def forward(ctx, config, x, weight_ih, h0, c0, weight_hh, bias, mask, *term_tensors):
+        empty = _empty(x)
+        results = _extension.lstm_forward(
+            x, weight_ih, h0, c0, weight_hh, empty if bias is None else bias, config["kinds"], config["eps"],
+            _or_empty(list(term_tensors), x), empty if mask is None else mask, True, config["threads"],
+        )
+        config["stats"] = [(results[10 + 4 * i], results[11 + 4 * i]) for i in range(3)]
+        ctx.intermediates = results[3:]
+        ctx.config = config
+        ctx.save_for_backward(x, weight_ih, weight_hh, bias, mask, *term_tensors)
+        return tuple(results[:3])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_h, grad_c):
+        x, weight_ih, weight_hh, bias, mask, *term_tensors = ctx.saved_tensors
+        empty = _empty(x)
+        grads = _extension.lstm_backward(
+            grad_output, grad_h, grad_c, x, weight_ih, weight_hh, empty if bias is None else bias,
+            ctx.config["kinds"], ctx.config["eps"], _or_empty(term_tensors, x), empty if mask is None else mask,
+            ctx.intermediates, ctx.config["threads"], ctx.needs_input_grad[1],
+        )
+        d_x, d_weight_ih, d_h0, d_c0, d_weight_hh, d_bias = grads[:6]
+        term_grads = [
+            grads[6 + k] if term_tensors[k] is not None and ctx.needs_input_grad[8 + k] else None
+            for k in range(len(term_tensors))
+        ]
+        return (None, d_x if ctx.needs_input_grad[1] else None, d_weight_ih, d_h0, d_c0, d_weight_hh,
+                d_bias if bias is not None else None, None, *term_grads)
+
+
+def lstm(
+    x: Tensor,
+    weight_ih: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_hh: Tensor,
+    norm_ih: nn.Module | None,
+    bias: Tensor | None,
+    norm_hh: nn.Module | None,
+    norm_c: nn.Module | None,
+    mask: Tensor | None,
+    start_step: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`recurrence.lstm` on the fused kernels, from the layer input x (T, B, I) and W_x: same results, same updates
+    of the population statistics. The projection W_x x and its gradients run on oneDNN for float32."""
+    if _load() is None:
+        raise RuntimeError(f"the fused kernels are unavailable ({_reason}): use backend='reference'")
+    steps, batch = x.shape[:2]
+    hidden = h.shape[-1]
+    mask = None if mask is None else mask.contiguous()
+    terms = [
+        _term(norm_ih, steps, start_step, input_term=True),
+        _term(norm_hh, steps, start_step, input_term=False),
+        _term(norm_c, steps, start_step, input_term=False),
+    ]
+    config = {
+        "kinds": [kind for kind, _, _ in terms],
+        "eps": [float(eps) for _, eps, _ in terms],
+        "threads": threads_for(batch, hidden),
+    }
+    term_tensors = [t for _, _, tensors in terms for t in tensors]
+    h, c = h.contiguous(), c.contiguous()
+    inputs = [x, weight_ih, h, c, weight_hh, bias, *term_tensors]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        output, h_n, c_n = FusedLSTMFunction.apply(config, x, weight_ih, h, c, weight_hh, bias, mask, *term_tensors)
+    else:
+        empty = _empty(x)
+        results = _extension.lstm_forward(
+            x, weight_ih.detach(), h.detach(), c.detach(), weight_hh.detach(),
+            empty if bias is None else bias.detach(), config["kinds"], config["eps"], _or_empty(term_tensors, x),
+            empty if mask is None else mask, False, config["threads"],
+        )
+        output, h_n, c_n = results[:3]
+        config["stats"] = [(results[10 + 4 * i], results[11 + 4 * i]) for i in range(3)]
+    # The population statistics, as the reference updates them (RecurrentBatchNorm.forward, StepNorm.finish).
+    count = None
+    for (kind, _, _), module, (mean, var) in zip(terms, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
+        if kind in (SHARED, BATCH):
+            count = example_count(mask, steps, batch, mean) if count is None else count
+            if kind == SHARED:
+                module.update_population(mean[None], var[None], count.sum(0, keepdim=True), 0)
+            else:
+                module.update_population(mean, var, count, start_step)
+    return output, h_n, c_n
+
+
+def kernel_variant() -> str | None:
+    """The instruction-set variant the float32 kernels run ("avx512", "avx2", "baseline"), or None."""
+    return None if _load() is None else _extension.kernel_variant()
+
+
+def last_profile() -> list[list[float]] | None:
+    """Where the last fused call's time went: per thread [matrix products, elementwise, waiting] seconds for the
+    forward and the backward loops, then [seconds of the dW_h product]."""
+    return None if _load() is None else _extension.last_profile()

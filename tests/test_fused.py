@@ -1,0 +1,335 @@
+"""The fused CPU kernels against the reference loops: same outputs, states, gradients and population statistics.
+
+The reference loops (`recurrence.py`, differentiated by autograd) define the function; the fused kernels
+(`csrc/lstm.cpp`, hand-written backward through time) must compute the same one, in float64 to ~1e-10, for every
+LSTM variant, with and without padding, in training and evaluation, on one thread and split over several.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import recurrent_bn as rb
+from recurrent_bn import fused, recurrence
+
+needs_fused = pytest.mark.skipif(not recurrence.fused_available(), reason="fused kernels unavailable in this build")
+
+TOL = 1e-10
+
+VARIANTS = {
+    "none": {"norm": "none"},
+    "bn": {"norm": "bn"},
+    "vbn": {"norm": "vbn"},
+    "ln": {"norm": "ln"},
+    "bn-shared": {"norm": "bn", "share_statistics_over_time": True},
+    "bn-input": {"norm": "bn", "norm_terms": ("input",)},
+    "bn-recurrent": {"norm": "bn", "norm_terms": ("recurrent",)},
+    "bn-cell": {"norm": "bn", "norm_terms": ("cell",)},
+    "bn-input-recurrent": {"norm": "bn", "norm_terms": ("input", "recurrent")},
+    "ln-recurrent-cell": {"norm": "ln", "norm_terms": ("recurrent", "cell")},
+    "bn-no-bias": {"norm": "bn", "bias": False},
+}
+
+# (steps, batch, input, hidden, layers, max_length, threads): batch 2, two layers, sequences longer than
+# max_length, and a size that the kernels split over threads.
+SHAPES = {
+    "small": (7, 5, 3, 4, 1, 10, 1),
+    "batch2-deep-long": (9, 2, 2, 3, 2, 4, 1),
+    "threads": (6, 9, 3, 20, 2, 6, 2),
+}
+
+
+@pytest.fixture
+def threads(monkeypatch):
+    """Run the kernels on `n` threads regardless of size (they stay correct on one core)."""
+
+    def use(n):
+        monkeypatch.setattr(fused, "threads_for", lambda batch, hidden: n)
+
+    return use
+
+
+def randomize(model, seed=0):
+    """Random parameters (γ in [0.2, 1]) and random population statistics, so nothing passes by a special value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and "weight" in name:
+                p.copy_(torch.rand(p.shape, generator=generator) * 0.8 + 0.2)
+            else:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return model
+
+
+def randomize_population(model, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, rb.RecurrentBatchNorm):
+                module.running_mean.copy_(torch.randn(module.running_mean.shape, generator=generator))
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+
+
+def pair(kwargs, input_size, hidden, layers, max_length, dtype=torch.float64):
+    reference = randomize(rb.LSTM(input_size, hidden, layers, max_length=max_length, backend="reference", **kwargs))
+    reference = reference.to(dtype)
+    fast = copy.deepcopy(reference)
+    fast.backend = "fused"
+    return reference, fast
+
+
+def run(model, x, hx, lengths, start_step=0, seed=2):
+    """Outputs, final states, gradients of a weighted loss w.r.t. the input, initial states and every parameter."""
+    y, (h, c) = model(x, hx, lengths, start_step=start_step)
+    generator = torch.Generator().manual_seed(seed)
+    weights = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype) for t in (y, h, c)]
+    loss = sum((t * w).sum() for t, w in zip((y, h, c), weights, strict=True))
+    inputs = [x, *hx, *model.parameters()]
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [y, h, c], list(grads)
+
+
+def assert_all_close(a, b, tol, what):
+    for i, (u, v) in enumerate(zip(a, b, strict=True)):
+        if u is None or v is None:
+            assert u is None and v is None, f"{what}[{i}]: one is None"
+            continue
+        assert u.shape == v.shape, f"{what}[{i}]: shapes {tuple(u.shape)} and {tuple(v.shape)}"
+        assert torch.allclose(u, v, atol=tol, rtol=tol), f"{what}[{i}]: max difference {float((u - v).abs().max())}"
+
+
+def buffers(model):
+    return [b.clone() for b in model.buffers()]
+
+
+def inputs(steps, batch, input_size, hidden, layers, with_lengths, dtype=torch.float64, seed=3):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(steps, batch, input_size, generator=generator, dtype=dtype).requires_grad_(True)
+    hx = tuple(
+        (torch.randn(layers, batch, hidden, generator=generator, dtype=dtype) * 0.5).requires_grad_(True)
+        for _ in range(2)
+    )
+    lengths = None
+    if with_lengths:
+        lengths = torch.randint(1, steps + 1, (batch,), generator=generator)
+        lengths[0] = steps
+        if batch > 2:
+            lengths[1] = 1
+    return x, hx, lengths
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_training_step_matches_reference(threads, variant, with_lengths, shape):
+    steps, batch, input_size, hidden, layers, max_length, n_threads = SHAPES[shape]
+    threads(n_threads)
+    reference, fast = pair(VARIANTS[variant], input_size, hidden, layers, max_length)
+    x, hx, lengths = inputs(steps, batch, input_size, hidden, layers, with_lengths)
+    outputs_ref, grads_ref = run(reference, x, hx, lengths)
+    outputs_fast, grads_fast = run(fast, x, hx, lengths)
+    assert_all_close(outputs_ref, outputs_fast, TOL, "outputs")
+    assert_all_close(grads_ref, grads_fast, TOL, "gradients")
+    # The population statistics: every buffer, including the counts and the trained length.
+    assert_all_close(buffers(reference), buffers(fast), TOL, "buffers")
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_evaluation_matches_reference(threads, variant, with_lengths, shape):
+    steps, batch, input_size, hidden, layers, max_length, n_threads = SHAPES[shape]
+    threads(n_threads)
+    reference, fast = pair(VARIANTS[variant], input_size, hidden, layers, max_length)
+    x, hx, lengths = inputs(steps, batch, input_size, hidden, layers, with_lengths)
+    train_x = torch.randn(max(2, steps - 3), batch, input_size, dtype=torch.float64)
+    for model in (reference, fast):
+        model(train_x)  # a trained length shorter than the evaluated sequence: T_max is reused
+        randomize_population(model)
+        model.eval()
+    before = buffers(fast)
+    outputs_ref, grads_ref = run(reference, x, hx, lengths, start_step=1)
+    outputs_fast, grads_fast = run(fast, x, hx, lengths, start_step=1)
+    assert_all_close(outputs_ref, outputs_fast, TOL, "outputs")
+    assert_all_close(grads_ref, grads_fast, TOL, "gradients")
+    assert_all_close(before, buffers(fast), 0.0, "buffers")
+    with torch.no_grad():  # the forward-only path of the kernels
+        y_ref, _ = reference(x, hx, lengths, start_step=1)
+        y_fast, _ = fast(x, hx, lengths, start_step=1)
+    assert_all_close([y_ref], [y_fast], TOL, "no-grad outputs")
+
+
+@needs_fused
+@pytest.mark.parametrize("variant", ["bn", "vbn", "bn-shared"])
+def test_fused_no_grad_training_pass_updates_the_population_like_the_reference(threads, variant):
+    # estimate_population_statistics runs batch norm in training mode under no_grad.
+    threads(2)
+    reference, fast = pair(VARIANTS[variant], 3, 20, 2, 5)
+    x, _, lengths = inputs(8, 9, 3, 20, 2, with_lengths=True)
+    with torch.no_grad():
+        y_ref, _ = reference(x, lengths=lengths, start_step=2)
+        y_fast, _ = fast(x, lengths=lengths, start_step=2)
+    assert_all_close([y_ref], [y_fast], TOL, "outputs")
+    assert_all_close(buffers(reference), buffers(fast), TOL, "buffers")
+
+
+@needs_fused
+def test_fused_all_padded_timesteps_and_zero_input_variance(threads):
+    # Timesteps where no example is active (statistics 0, 0), and leading zero inputs: the input term has a zero
+    # batch variance there, so its normalization divides by sqrt(eps). (The recurrent term's zero variance, whose
+    # gradient explodes through time, is in test_layers.)
+    threads(2)
+    reference, fast = pair({"norm": "bn"}, 1, 16, 1, 10)
+    x, hx, _ = inputs(8, 4, 1, 16, 1, with_lengths=False)
+    with torch.no_grad():
+        x[:3] = 0
+    lengths = torch.tensor([5, 3, 2, 1])
+    outputs_ref, grads_ref = run(reference, x, hx, lengths)
+    outputs_fast, grads_fast = run(fast, x, hx, lengths)
+    assert_all_close(outputs_ref, outputs_fast, TOL, "outputs")
+    assert_all_close(grads_ref, grads_fast, TOL, "gradients")
+    assert_all_close(buffers(reference), buffers(fast), TOL, "buffers")
+    assert int(fast.norm_hh_l0.trained_length) == 5
+
+
+@needs_fused
+@pytest.mark.parametrize("variant", ["bn", "vbn", "ln", "bn-recurrent", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_fused_gradcheck(threads, variant, training, n_threads):
+    threads(n_threads)
+    torch.manual_seed(4)
+    model = randomize(rb.LSTM(2, 4, max_length=3, backend="fused", **VARIANTS[variant])).double()
+    if not training:
+        model(torch.randn(2, 4, 2, dtype=torch.float64))
+        randomize_population(model)
+    model.train(training)
+    x = torch.randn(5, 4, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 2, 4, 3])
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(x, h0, c0, *values):
+        parameters = dict(zip(names, values, strict=True))
+        y, (h, c) = torch.func.functional_call(model, parameters, (x, (h0, c0)), {"lengths": lengths})
+        return y, h, c
+
+    values = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *values), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+FLOAT32_SHAPES = {
+    "one-panel": (40, 16, 5, 32, 1),
+    # 4H = 80 columns: panels of the packed product padded; 9 rows: blocks of fewer than 8 rows; 2 layers.
+    "padded-odd-rows": (12, 9, 3, 20, 2),
+}
+
+
+@needs_fused
+@pytest.mark.parametrize("shape", list(FLOAT32_SHAPES))
+@pytest.mark.parametrize("variant", ["none", "bn", "vbn", "ln"])
+def test_fused_float32_is_as_accurate_as_the_reference_float32(threads, variant, shape):
+    # Both float32 paths against the float64 reference: the fused one may not be much further from it than the
+    # reference's own float32 run (batch norm over a few active examples is ill-conditioned in float32 anyway).
+    steps, batch, input_size, hidden, layers = FLOAT32_SHAPES[shape]
+    threads(2)
+    reference, fast = pair(VARIANTS[variant], input_size, hidden, layers, steps)
+    reference32 = copy.deepcopy(reference).float()
+    fast = fast.float()
+    x, hx, lengths = inputs(steps, batch, input_size, hidden, layers, with_lengths=True)
+    outputs64, grads64 = run(reference, x, hx, lengths)
+    errors = {}
+    for name, model in (("reference", reference32), ("fused", fast)):
+        x32 = x.detach().float().requires_grad_(True)
+        hx32 = tuple(h.detach().float().requires_grad_(True) for h in hx)
+        outputs, grads = run(model, x32, hx32, lengths)
+        outputs, outputs64 = [t.detach() for t in outputs], [t.detach() for t in outputs64]
+        errors[name] = [
+            float((a.float() - b).abs().max() / a.abs().max().clamp(min=1.0))
+            for a, b in zip(outputs64 + grads64, outputs + grads, strict=True)
+        ] + [float((a.float() - b).abs().max()) for a, b in zip(buffers(reference), buffers(model), strict=True)]
+    for reference_error, fused_error in zip(errors["reference"], errors["fused"], strict=True):
+        assert fused_error <= 4 * reference_error + 1e-5, (fused_error, reference_error)
+    assert max(errors["fused"][:3]) < 1e-4  # outputs and final states
+
+
+@needs_fused
+@pytest.mark.skipif(recurrence.fused_available() and fused.kernel_variant() != "avx512",
+                    reason="the packed product runs on AVX-512 only")
+def test_packed_product_agrees_with_onednn_in_float32(threads):
+    threads(2)
+    torch.manual_seed(6)
+    model = randomize(rb.LSTM(3, 20, 2, norm="bn", backend="fused")).float()
+    x = torch.randn(9, 7, 3, dtype=torch.float32, requires_grad=True)
+    results = []
+    try:
+        for packed in (True, False):
+            fused._extension.set_packed_gemm(packed)
+            y, (h, c) = model(x)
+            results.append([y, h, c, *torch.autograd.grad((y**2).sum() + c.sum(), [x, *model.parameters()])])
+    finally:
+        fused._extension.set_packed_gemm(True)
+    for a, b in zip(*results, strict=True):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), float((a - b).abs().max())
+
+
+@needs_fused
+def test_tensors_the_kernels_do_not_cover_run_the_reference_loop():
+    torch.manual_seed(5)
+    model = rb.LSTM(3, 4, norm="bn", backend="fused").to(torch.bfloat16)
+    reference = copy.deepcopy(model)
+    reference.backend = "reference"
+    x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
+    assert torch.equal(model(x)[0], reference(x)[0])
+
+
+def test_fused_unavailable_auto_warns_once_and_runs_the_reference(monkeypatch):
+    monkeypatch.setattr(fused, "_extension", None)
+    monkeypatch.setattr(fused, "_reason", "simulated")
+    monkeypatch.setattr(recurrence, "_warned_unavailable", False)
+    model = rb.LSTM(3, 4, 2, norm="bn", backend="auto")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(5, 2, 3))
+        model(torch.randn(5, 2, 3))
+    messages = [str(w.message) for w in caught if "fused" in str(w.message)]
+    assert len(messages) == 1 and "simulated" in messages[0]
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        rb.LSTM(3, 4, backend="fused")(torch.randn(5, 2, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rb.LSTM(3, 4, backend="reference")(torch.randn(5, 2, 3))
+
+
+def test_disable_environment_variable_gives_working_layers_and_one_warning():
+    script = (
+        "import warnings, torch, recurrent_bn as rb\n"
+        "from recurrent_bn.recurrence import fused_available\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert not fused_available()\n"
+        "    m = rb.LSTM(3, 4, 2, norm='bn')\n"
+        "    y, _ = m(torch.randn(5, 2, 3)); y.sum().backward(); m(torch.randn(5, 2, 3))\n"
+        "print(sum('RBN_DISABLE_FUSED' in str(w.message) for w in caught))\n"
+        "try:\n"
+        "    rb.LSTM(3, 4, backend='fused')(torch.randn(5, 2, 3))\n"
+        "except RuntimeError as error:\n"
+        "    print(error)\n"
+    )
+    environment = {**os.environ, "RBN_DISABLE_FUSED": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "1"
+    assert "RBN_DISABLE_FUSED" in lines[1] and "backend='reference'" in lines[1]
