@@ -1189,6 +1189,31 @@ std::vector<std::pair<int64_t, int64_t>> split_rows(int64_t threads, int64_t B) 
   return parts;
 }
 
+// A team over the rows of a batch together with the storage its `Team` points into (so it is neither copied nor
+// moved): the row split, the exchange buffers (16 slots of (threads, width)) and the barrier.
+template <typename T>
+struct TeamOverRows {
+  std::vector<std::pair<int64_t, int64_t>> parts;
+  std::vector<T> exchange;
+  std::vector<int64_t> starts;
+  TeamBarrier sync;
+  Team<T> team;
+
+  TeamOverRows(int64_t threads, int64_t B, int64_t width) : parts(split_rows(threads, B)) {
+    team.size = static_cast<int64_t>(parts.size());
+    team.width = width;
+    exchange.assign(16 * team.size * width, T(0));
+    team.buffer = exchange.data();
+    for (const auto& part : parts) starts.push_back(part.first);
+    starts.push_back(B);
+    team.starts = starts.data();
+    sync.size = team.size;
+    team.sync = &sync;
+  }
+  TeamOverRows(const TeamOverRows&) = delete;
+  TeamOverRows& operator=(const TeamOverRows&) = delete;
+};
+
 template <typename T>
 void fill_terms(Problem<T>& p, const std::vector<TermTensors>& terms) {
   Term<T>* targets[3] = {&p.in, &p.hh, &p.cell};
@@ -1334,19 +1359,9 @@ std::vector<Tensor> forward_impl(const Tensor& P, const Tensor& h0, const Tensor
     stats.insert(stats.end(), {mean, var, row_mean, row_rstd});
   }
 
-  const auto parts = split_rows(threads, B);
-  Team<T> team;
-  team.size = static_cast<int64_t>(parts.size());
-  team.width = G;
-  std::vector<T> exchange(16 * team.size * G);
-  team.buffer = exchange.data();
-  std::vector<int64_t> starts;
-  for (const auto& part : parts) starts.push_back(part.first);
-  starts.push_back(B);
-  team.starts = starts.data();
-  TeamBarrier sync;
-  sync.size = team.size;
-  team.sync = &sync;
+  TeamOverRows<T> rows(threads, B, G);
+  const auto& parts = rows.parts;
+  const Team<T>& team = rows.team;
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
   const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, parts[0].second - parts[0].first);
@@ -1438,19 +1453,9 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
   p.DR = DR.data_ptr<T>();
   p.dP = dP.data_ptr<T>();
 
-  const auto parts = split_rows(threads, B);
-  Team<T> team;
-  team.size = static_cast<int64_t>(parts.size());
-  team.width = G;
-  std::vector<T> exchange(16 * team.size * G);
-  team.buffer = exchange.data();
-  std::vector<int64_t> starts;
-  for (const auto& part : parts) starts.push_back(part.first);
-  starts.push_back(B);
-  team.starts = starts.data();
-  TeamBarrier sync;
-  sync.size = team.size;
-  team.sync = &sync;
+  TeamOverRows<T> rows(threads, B, G);
+  const auto& parts = rows.parts;
+  const Team<T>& team = rows.team;
   std::vector<Accumulators<T>> accs(team.size);
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
