@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from recurrent_bn import data
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.models import build_model
-from recurrent_bn.norm import RecurrentBatchNorm
+from recurrent_bn.norm import batch_norms
 
 log = logging.getLogger("recurrent_bn")
 
@@ -371,10 +371,6 @@ def load_trained_model(run_dir: Path, checkpoint: str = "final.pt", device: str 
     return model.to(device).eval(), cfg
 
 
-def _batch_norms(model: nn.Module) -> list[RecurrentBatchNorm]:
-    return [m for m in model.modules() if isinstance(m, RecurrentBatchNorm)]
-
-
 # -------------------------------------------------------------------------------- Figure 3b: bpc vs length
 
 
@@ -385,7 +381,7 @@ def with_batch_statistics(model: nn.Module) -> nn.Module:
     change as it runs, the original's never do.
     """
     copied = copy.deepcopy(model).eval()
-    for norm in _batch_norms(copied):
+    for norm in batch_norms(copied):
         norm.train()
     return copied
 
@@ -425,7 +421,7 @@ def bpc_vs_length(
                 data_root=data_root if data_root is not None else cfg.data.root, verify=False)
     ids = task.splits[split]
     batch_size = batch_size or int(cfg.task.eval_batch_size)
-    models = {"population": model, "batch": with_batch_statistics(model)} if _batch_norms(model) else {"none": model}
+    models = {"population": model, "batch": with_batch_statistics(model)} if batch_norms(model) else {"none": model}
     rows = []
     for length in lengths:
         def batches(length=length):

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn import recurrence
-from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm
+from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
 
 LSTM_NORMS = ("none", "vbn", "bn", "ln")
 RNN_NORMS = ("none", "bn", "ln")
@@ -439,10 +439,6 @@ class RNN(_RecurrentStack):
         )
 
 
-def _batch_norms(model: nn.Module) -> list[RecurrentBatchNorm]:
-    return [m for m in model.modules() if isinstance(m, RecurrentBatchNorm)]
-
-
 @torch.no_grad()
 def estimate_population_statistics(model: nn.Module, batches, forward=None) -> int:
     """Re-estimate every batch norm's population statistics as the paper reports its test numbers.
@@ -459,7 +455,7 @@ def estimate_population_statistics(model: nn.Module, batches, forward=None) -> i
 
     Returns the number of batches used.
     """
-    norms = _batch_norms(model)
+    norms = batch_norms(model)
     was_training = model.training
     momenta = [m.momentum for m in norms]
     model.eval()

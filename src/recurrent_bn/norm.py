@@ -188,6 +188,11 @@ class RecurrentBatchNorm(nn.Module):
         return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
 
 
+def batch_norms(module: nn.Module) -> list[RecurrentBatchNorm]:
+    """Every RecurrentBatchNorm inside `module` (where population statistics live)."""
+    return [m for m in module.modules() if isinstance(m, RecurrentBatchNorm)]
+
+
 class RecurrentLayerNorm(nn.Module):
     """Layer norm over the last axis (Ba et al. 2016): `gamma * (x - mean) / sqrt(var + eps) + beta`, per example."""
 

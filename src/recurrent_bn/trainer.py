@@ -27,7 +27,7 @@ from recurrent_bn.errors import UserError
 from recurrent_bn.layers import estimate_population_statistics
 from recurrent_bn.logs import MetricsCSV, WandbRun, write_json
 from recurrent_bn.models import build_model
-from recurrent_bn.norm import RecurrentBatchNorm
+from recurrent_bn.norm import batch_norms
 from recurrent_bn.tasks import Task
 
 log = logging.getLogger("recurrent_bn")
@@ -149,10 +149,6 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _has_batch_norm(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, RecurrentBatchNorm) for m in model.modules())
 
 
 def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -354,7 +350,7 @@ def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: P
         model.load_state_dict(best["model"])
         best_step = int(best["step"])
     estimated = 0
-    if _has_batch_norm(model):
+    if batch_norms(model):
         with autocast:
             estimated = estimate_population_statistics(model, task.estimation_inputs(cfg.trainer.estimate_batches))
     save_atomic({"model": model.state_dict(), "step": best_step, "estimated_batches": estimated}, run_dir / "final.pt")
