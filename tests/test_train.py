@@ -20,6 +20,8 @@ from hydra import compose, initialize_config_dir
 
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.errors import ConfigError, DataNotFoundError
+from recurrent_bn.layers import estimate_population_statistics
+from recurrent_bn.models import build_model
 from recurrent_bn.tasks import Task
 from recurrent_bn.trainer import Diverged, train
 
@@ -108,6 +110,32 @@ def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_r
     final = torch.load(tmp_path / "run" / "final.pt", weights_only=True)["model"]
     tracked = final["recurrent.norm_hh_l0.num_batches_tracked"]
     assert tracked.max() == 3  # a plain average over 3 batches, not the moving average of training
+
+
+def test_validating_with_re_estimated_statistics_scores_them_and_leaves_training_unchanged(tmp_path):
+    runs = {}
+    for mode in ("moving_average", "estimated"):
+        cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY, "trainer.estimate_batches=2",
+                       f"trainer.valid_statistics={mode}", "trainer.final_test=false")
+        train(cfg, tmp_path / mode)
+        runs[mode] = without_timing(read_metrics(tmp_path / mode))
+    # Same training trajectory and moving averages: the estimation happens aside and is undone.
+    assert [r for r in runs["moving_average"] if r["split"] == "train"] == [
+        r for r in runs["estimated"] if r["split"] == "train"]
+    states = [torch.load(tmp_path / mode / "last.pt", weights_only=True)["model"] for mode in runs]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0])
+    # The validation score is the one the final checkpoint gets with statistics estimated on 2 training batches.
+    model = build_model(cfg)
+    model.load_state_dict(states[1])
+    task = Task(cfg.task, torch.device("cpu"), seed=cfg.seed)
+    estimate_population_statistics(model, task.estimation_inputs(2))
+    expected = task.evaluate(model, task.batches("valid"))
+    last_valid = [r for r in runs["estimated"] if r["split"] == "valid"][-1]
+    assert float(last_valid["acc"]) == pytest.approx(expected["acc"])
+    assert float(last_valid["loss"]) == pytest.approx(expected["loss"], rel=1e-5)
+    moving_valid = [r for r in runs["moving_average"] if r["split"] == "valid"][-1]
+    assert float(moving_valid["loss"]) != pytest.approx(expected["loss"], rel=1e-5)
 
 
 def test_same_seed_gives_identical_metrics_on_cpu(tmp_path):

@@ -86,6 +86,8 @@ def validate(cfg: DictConfig) -> None:
     clip = cfg.trainer.clip_grad_norm
     _require(clip is None or (isinstance(clip, int | float) and clip > 0), "trainer.clip_grad_norm",
              "a number > 0 or null (no clipping)", clip)
+    _require(cfg.trainer.valid_statistics in ("moving_average", "estimated"), "trainer.valid_statistics",
+             "moving_average or estimated", cfg.trainer.valid_statistics)
     _require(cfg.optim.name in OPTIMIZERS, "optim", f"one of {', '.join(OPTIMIZERS)}", cfg.optim.name)
     _require(cfg.optim.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}", cfg.optim.schedule)
     device = str(cfg.trainer.device)

@@ -1,9 +1,9 @@
 """The training loop shared by every task and model: optimise, evaluate, checkpoint, log, and test at the end.
 
 One plain loop (nanoGPT's shape): a training step, a train row in metrics.csv every `log_every` steps, a validation
-every `eval_every` (population statistics), `last.pt` every `checkpoint_every` and on SIGTERM/SIGINT, `best.pt` when
-the validation metric improves. At the end the best checkpoint is tested after its population statistics are
-re-estimated over the training set, as the paper reports its numbers.
+every `eval_every` (population statistics: the moving averages, or re-estimated), `last.pt` every `checkpoint_every`
+and on SIGTERM/SIGINT, `best.pt` when the validation metric improves. At the end the best checkpoint is tested after
+its population statistics are re-estimated over the training set, as the paper reports its numbers.
 """
 
 from __future__ import annotations
@@ -149,6 +149,22 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def estimated_statistics(model: torch.nn.Module, inputs):
+    """Inside the block the batch norms use population statistics re-estimated from `inputs`; afterwards their
+    moving averages are restored, so training continues exactly as without the block."""
+    norms = batch_norms(model)
+    saved = [[buffer.clone() for buffer in norm.buffers()] for norm in norms]
+    if norms:
+        estimate_population_statistics(model, inputs)
+    try:
+        yield
+    finally:
+        for norm, buffers in zip(norms, saved, strict=True):
+            for buffer, value in zip(norm.buffers(), buffers, strict=True):
+                buffer.copy_(value)
 
 
 def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -303,7 +319,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
                 if step % trainer_cfg.eval_every == 0 or step == trainer_cfg.max_steps:
                     eval_start = time.time()
-                    with autocast:
+                    statistics = contextlib.nullcontext()
+                    if trainer_cfg.valid_statistics == "estimated":
+                        statistics = estimated_statistics(model, task.estimation_inputs(trainer_cfg.estimate_batches))
+                    with autocast, statistics:
                         result = task.evaluate(model, task.batches("valid", trainer_cfg.eval_batches))
                     write({"step": step, "split": "valid", **result, "elapsed_s": elapsed()})
                     log.info("step %d | valid loss %.4f %s %.4f | %.0f s", step, result["loss"], task.metric,
