@@ -365,16 +365,21 @@ def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
         else:
             _curves(ax, rows, "valid", "acc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
             notes.append(_missing(models, _drawn_models(rows, "valid", "acc"), f"{task} models", rows))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7.5, loc="lower right")
-        ax.set_xlabel("training iteration")
-        ax.set_ylabel("validation accuracy")
-        ax.grid(alpha=0.3)
-        ax.set_title(_task_label(task), fontsize=10)
+        _dress(ax, "training iteration", "validation accuracy", _task_label(task), legend_loc="lower right")
     fig.suptitle("Figure 2: validation accuracy during training")
     _footer(fig, [scale_label(runs), *notes, "dotted: the paper's curves read off its Figure 2 (after 100k "
                                               "iterations of the paper's scale)"])
     return fig
+
+
+def _dress(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best") -> None:
+    """Labels, grid and title of one curve panel; a legend when something was drawn."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7.5, loc=legend_loc)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
 
 
 def figure_3a(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
@@ -395,12 +400,7 @@ def figure_3a(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
         else:
             _curves(ax, rows, "valid", "bpc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
             notes.append(_missing(models, _drawn_models(rows, "valid", "bpc"), f"{task} models", rows))
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7.5)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("validation bits per character")
-        ax.grid(alpha=0.3)
-        ax.set_title(_task_label(task), fontsize=10)
+        _dress(ax, "training step", "validation bits per character", _task_label(task))
     fig.suptitle("Figure 3a: validation bits per character during training")
     _footer(fig, [scale_label(runs), *notes, "dotted: the paper's test bpc (Tables 2 and 3), after its full "
                                               "training"])
