@@ -35,6 +35,12 @@ def analysis_root() -> Path:
     return Path(os.environ.get("RBN_ANALYSIS", REPO / "results" / "analysis")).absolute()
 
 
+def relative(path) -> str:
+    """`path` relative to the working directory when it lies below it: provenance that reads the same on any machine."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
 def preset(task: str) -> str:
     return f"experiment={scale()}_{task}"
 

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pandas as pd
-from _launch import analysis_root, preset, runs_root, sweep
+from _launch import analysis_root, preset, relative, runs_root, sweep
 
 from recurrent_bn import analysis
 
@@ -37,6 +37,7 @@ def main() -> int:
     lengths = [int(length) for length in args.lengths.split(",")]
     frames = [analysis.bpc_vs_length(run, lengths, split=args.split, limit=args.limit) for run in done["run_dir"]]
     frame = pd.concat(frames, ignore_index=True)
+    frame["run_dir"] = frame["run_dir"].map(relative)
     out = analysis_root() / "fig3b_bpc_vs_length.csv"
     analysis.write_analysis(frame, out, analysis.provenance(split=args.split, limit=args.limit,
                                                              wall_time_s=round(time.time() - start, 1)))

@@ -8,9 +8,8 @@ and writes <RBN_ANALYSIS>/fig5_population_statistics.csv. Seconds.
 
 import argparse
 import sys
-from pathlib import Path
 
-from _launch import analysis_root, runs_root
+from _launch import analysis_root, relative, runs_root
 
 from recurrent_bn import analysis
 
@@ -31,8 +30,7 @@ def main() -> int:
                   file=sys.stderr)
             return 1
         run = found["run_dir"].iloc[0]
-    if Path(run).resolve().is_relative_to(Path.cwd()):
-        run = Path(run).resolve().relative_to(Path.cwd())  # provenance that reads the same on any machine
+    run = relative(run)
     stats = analysis.population_statistics(run, units=args.units, seed=args.seed)
     out = analysis_root() / "fig5_population_statistics.csv"
     analysis.write_analysis(stats, out, analysis.provenance(run_dir=str(run), units=args.units, seed=args.seed))

@@ -182,6 +182,14 @@ def test_figure_5_draws_every_sampled_unit_and_names_the_run(results, tmp_path):
     assert saves(fig, tmp_path)
 
 
+def test_an_analysis_recorded_with_a_relative_run_path_finds_its_run(results):
+    # The launch scripts record "results/runs/fig3_ptb/1" (relative to the repository); the summaries are absolute.
+    relative = {"run_dir": "results/runs/fig3_ptb/1"}
+    found = figures._runs_at(results.summaries, relative)
+    assert list(found["run_dir"]) == [str(results.root / "runs" / "fig3_ptb" / "1")]
+    assert figures._runs_at(results.summaries, {"run_dir": "results/runs/fig3_ptb/7"}).empty
+
+
 def test_figure_6_plots_ptb_in_bits_and_says_the_paper_used_nats(results, tmp_path):
     runs = results.runs_of("fig6")
     fig = figures.figure_6(runs)

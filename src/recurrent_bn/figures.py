@@ -803,8 +803,15 @@ def _runs_at(summaries: pd.DataFrame, source) -> pd.DataFrame:
         run_dirs = {str(source["run_dir"])} if source and source.get("run_dir") else set()
     if summaries.empty or not run_dirs:
         return pd.DataFrame()
-    wanted = {str(Path(p).resolve()) for p in run_dirs}
-    return summaries[[str(Path(p).resolve()) in wanted for p in summaries["run_dir"]]]
+    # An analysis records its run relative to where it ran (results/runs/...), the summaries hold absolute paths:
+    # the same run when one path ends with the other.
+    wanted = [Path(p).parts for p in run_dirs]
+
+    def recorded(run_dir: str) -> bool:
+        parts = Path(run_dir).parts
+        return any(parts[-len(w):] == w or w[-len(parts):] == parts for w in wanted)
+
+    return summaries[[recorded(p) for p in summaries["run_dir"]]]
 
 
 def all_figures(results: Results) -> dict[str, Figure]:
