@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -365,7 +366,7 @@ def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
         else:
             _curves(ax, rows, "valid", "acc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
             notes.append(_missing(models, _drawn_models(rows, "valid", "acc"), f"{task} models", rows))
-        _dress(ax, "training iteration", "validation accuracy", _task_label(task), legend_loc="lower right")
+        _dress(ax, "training iteration", "validation accuracy", _task_label(task), legend_loc="below")
     fig.suptitle("Figure 2: validation accuracy during training")
     _footer(fig, [scale_label(runs), *notes, "dotted: the paper's curves read off its Figure 2 (after 100k "
                                               "iterations of the paper's scale)"])
@@ -373,9 +374,13 @@ def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
 
 
 def _dress(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best") -> None:
-    """Labels, grid and title of one curve panel; a legend when something was drawn."""
+    """Labels, grid and title of one curve panel; a legend when something was drawn ("below": under the axes,
+    for panels whose curves and reference lines leave no free corner)."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7.5, loc=legend_loc)
+        if legend_loc == "below":
+            ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        else:
+            ax.legend(fontsize=7.5, loc=legend_loc)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -565,8 +570,6 @@ def figure_7(runs: pd.DataFrame) -> Figure:
             terms_rows = rows[baseline | ((rows["model"] == "bn_lstm") & ~rows["share_statistics_over_time"])]
         labels = sorted({_terms_label(r) for _, r in terms_rows.drop_duplicates("run_dir").iterrows()}) \
             if not terms_rows.empty else []
-        from matplotlib import colormaps
-
         palette = {label: colormaps["tab10"](i % 10) for i, label in enumerate(labels)}
         for column, (subset, title) in enumerate((
                 (shared_rows, "per-timestep (solid) vs shared (dashed) statistics"),
@@ -575,14 +578,12 @@ def figure_7(runs: pd.DataFrame) -> Figure:
             if subset.empty:
                 _empty(ax, f"no {task} runs for: {title}")
             else:
-                if _curves(ax, subset, "valid", metric, _terms_label,
-                           lambda r, palette=palette: palette.get(_terms_label(
-                               {**r, "share_statistics_over_time": False}), "k"),
-                           lambda r: "--" if r["share_statistics_over_time"] else "-"):
-                    ax.legend(fontsize=7.5)
-                ax.set_xlabel("training step")
-                ax.set_ylabel(f"validation {METRIC_LABELS[metric]}")
-                ax.grid(alpha=0.3)
+                _curves(ax, subset, "valid", metric, _terms_label,
+                        lambda r, palette=palette: palette.get(_terms_label(
+                            {**r, "share_statistics_over_time": False}), "k"),
+                        lambda r: "--" if r["share_statistics_over_time"] else "-")
+                _dress(ax, "training step", f"validation {METRIC_LABELS[metric]}", "",
+                       legend_loc="below" if column else "best")
             ax.set_title(f"{_task_label(task)}: {title}", fontsize=9.5)
     fig.suptitle("Figure 7 (not in the paper): shared vs per-timestep statistics, and the per-term ablation")
     _footer(fig, [scale_label(runs)])
