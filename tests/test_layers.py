@@ -257,6 +257,21 @@ def test_bn_linear_rnn_is_batch_norm_in_place_of_tanh_and_bias(backend):
     }
 
 
+
+def test_bn_linear_rnn_with_population_statistics_is_an_affine_map_of_its_input(backend):
+    # Without tanh the only nonlinearity is the batch statistics: once they are fixed (evaluation), the whole
+    # recurrence is affine in the input sequence, so a read-out of it is a linear classifier of the pixels.
+    m = randomize(rb.RNN(2, 4, norm="bn", norm_placement="separate", nonlinearity="identity", bias=False,
+                         max_length=5, backend=backend))
+    m(torch.randn(5, 8, 2))  # one training pass, so the population statistics are not the initial ones
+    m.eval()
+    x1, x2 = torch.randn(7, 3, 2), torch.randn(7, 3, 2)  # longer than max_length: T_max's statistics reused
+    a = 0.3
+    mixed, _ = m(a * x1 + (1 - a) * x2)
+    assert_close(mixed, a * m(x1)[0] + (1 - a) * m(x2)[0])
+    tanh_rnn = randomize(rb.RNN(2, 4, norm="bn", norm_placement="sum", max_length=5, backend=backend)).eval()
+    assert not torch.allclose(tanh_rnn(a * x1 + (1 - a) * x2)[0], a * tanh_rnn(x1)[0] + (1 - a) * tanh_rnn(x2)[0])
+
 # ---------------------------------------------------------------------------------------------------------------
 # gradcheck
 
