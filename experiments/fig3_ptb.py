@@ -35,7 +35,11 @@ def main() -> int:
         print(f"no completed runs in {runs_root() / 'fig3_ptb'}: nothing to evaluate", file=sys.stderr)
         return 1
     lengths = [int(length) for length in args.lengths.split(",")]
-    frames = [analysis.bpc_vs_length(run, lengths, split=args.split, limit=args.limit) for run in done["run_dir"]]
+    try:
+        frames = [analysis.bpc_vs_length(run, lengths, split=args.split, limit=args.limit) for run in done["run_dir"]]
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     frame = pd.concat(frames, ignore_index=True)
     frame["run_dir"] = frame["run_dir"].map(relative)
     out = analysis_root() / "fig3b_bpc_vs_length.csv"

@@ -31,7 +31,11 @@ def main() -> int:
             return 1
         run = found["run_dir"].iloc[0]
     run = relative(run)
-    stats = analysis.population_statistics(run, units=args.units, seed=args.seed)
+    try:
+        stats = analysis.population_statistics(run, units=args.units, seed=args.seed)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     out = analysis_root() / "fig5_population_statistics.csv"
     analysis.write_analysis(stats, out, analysis.provenance(run_dir=str(run), units=args.units, seed=args.seed))
     print(analysis.settling_step(stats).to_string(index=False))

@@ -251,6 +251,17 @@ def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
     assert analysis.load_runs(runs_root / "nothing here").empty
 
 
+def test_a_run_without_its_checkpoints_says_why_and_what_to_do(results_tree, tmp_path):
+    # A clone of results/ has the runs' curves and configs but no *.pt files (they are git-ignored).
+    clone = tmp_path / "fig3_ptb" / "1"
+    clone.mkdir(parents=True)
+    for name in ("config.yaml", "summary.json"):
+        (clone / name).write_bytes((results_tree / "runs" / "fig3_ptb" / "1" / name).read_bytes())
+    for call in (lambda: analysis.bpc_vs_length(clone, lengths=[12]), lambda: analysis.population_statistics(clone)):
+        with pytest.raises(FileNotFoundError, match=r"final.pt does not exist.*not in git.*rerun the experiment"):
+            call()
+
+
 def test_effective_norm_terms_resolve_each_models_default():
     cases = {"lstm": "none", "bn_lstm": "input+recurrent+cell", "vbn_lstm": "input", "ln_lstm": "input+recurrent+cell",
              "rnn": "none", "bn_rnn": "sum", "bn_linear_rnn": "input+recurrent", "ln_rnn": "sum"}

@@ -167,7 +167,9 @@ def test_bad_config_value_stops_before_loading_data(tmp_path):
         train(cfg, tmp_path / "run")
 
 
-def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every,where", [(3, "between steps 4 and 6"), (1, "at step 5")])
+def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
+                                                                                      log_every, where):
     original = Task.loss
     calls = []
 
@@ -178,8 +180,8 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
 
     monkeypatch.setattr(Task, "loss", loss_that_turns_nan)
     cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=lstm", *TINY, "trainer.max_steps=40",
-                   "trainer.checkpoint_every=2", "trainer.log_every=3", "trainer.eval_every=100")
-    with pytest.raises(Diverged, match="non-finite between steps 4 and 6"):
+                   "trainer.checkpoint_every=2", f"trainer.log_every={log_every}", "trainer.eval_every=100")
+    with pytest.raises(Diverged, match=f"non-finite {where};"):
         train(cfg, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged"

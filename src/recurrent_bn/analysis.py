@@ -357,6 +357,13 @@ def load_run_config(run_dir: Path) -> DictConfig:
     return OmegaConf.create(summary["config"])
 
 
+def _checkpoint(path: Path) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: the run has not finished its final test, or its checkpoints "
+                                "were not kept (*.pt files are not in git): rerun the experiment that made it")
+    return path
+
+
 def load_trained_model(run_dir: Path, checkpoint: str = "final.pt", device: str = "cpu") -> tuple[nn.Module,
                                                                                                   DictConfig]:
     """The model of a run with the weights of `checkpoint` (final.pt: best weights, population statistics
@@ -364,9 +371,7 @@ def load_trained_model(run_dir: Path, checkpoint: str = "final.pt", device: str 
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     model = build_model(cfg)
-    path = run_dir / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run has not finished its final test")
+    path = _checkpoint(run_dir / checkpoint)
     model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
     return model.to(device).eval(), cfg
 
@@ -461,7 +466,7 @@ def population_statistics(source, units: int = 30, seed: int = 0, layer: int = 0
         state = source
     else:
         path = Path(source)
-        path = path / "final.pt" if path.is_dir() else path
+        path = _checkpoint(path / "final.pt" if path.is_dir() else path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
     generator = np.random.default_rng(seed)

@@ -259,8 +259,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     def check_finite() -> list[float]:
         values = window.values()
         if not all(math.isfinite(v) for v in values):
+            first = step - window.steps + 1
+            where = f"at step {step}" if first == step else f"between steps {first} and {step}"
             raise Diverged(
-                f"loss or gradient became non-finite between steps {step - window.steps + 1} and {step}; {last_path} "
+                f"loss or gradient became non-finite {where}; {last_path} "
                 "holds the last good checkpoint: try a smaller optim.lr or trainer.clip_grad_norm"
             )
         return values
