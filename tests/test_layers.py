@@ -257,7 +257,6 @@ def test_bn_linear_rnn_is_batch_norm_in_place_of_tanh_and_bias(backend):
     }
 
 
-
 def test_bn_linear_rnn_with_population_statistics_is_an_affine_map_of_its_input(backend):
     # Without tanh the only nonlinearity is the batch statistics: once they are fixed (evaluation), the whole
     # recurrence is affine in the input sequence, so a read-out of it is a linear classifier of the pixels.
@@ -271,6 +270,7 @@ def test_bn_linear_rnn_with_population_statistics_is_an_affine_map_of_its_input(
     assert_close(mixed, a * m(x1)[0] + (1 - a) * m(x2)[0])
     tanh_rnn = randomize(rb.RNN(2, 4, norm="bn", norm_placement="sum", max_length=5, backend=backend)).eval()
     assert not torch.allclose(tanh_rnn(a * x1 + (1 - a) * x2)[0], a * tanh_rnn(x1)[0] + (1 - a) * tanh_rnn(x2)[0])
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # gradcheck
