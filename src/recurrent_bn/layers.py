@@ -181,8 +181,10 @@ class LSTM(_RecurrentStack):
         max_length: timesteps with their own batch-norm population statistics (T_max).
         gamma_init: initial γ of every normalization (default 0.1 for batch norm, 1.0 for layer norm).
         eps, momentum: of the batch norms (see `RecurrentBatchNorm`).
-        share_statistics_over_time: one set of batch-norm statistics for all timesteps (the paper reports that
-            this "severely degrades performance"); always on for "vbn".
+        share_statistics_over_time: one population slot for all timesteps (the paper reports that this "severely
+            degrades performance"); always on for "vbn". In training the input term is normalized with statistics
+            over batch and time, the recurrent and cell terms with each timestep's batch statistics (later steps
+            are not known yet when a step is computed).
         norm_terms: which terms to normalize, a subset of ("input", "recurrent", "cell"); default all for "bn"
             and "ln", ("input",) for "vbn". For ablations.
         forget_bias: initial bias of the forget gate (1.0 in the authors' code).
