@@ -48,7 +48,7 @@ RUNS: dict[str, list[str]] = {
     **{
         f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
                                     "trainer.max_steps=20000", *MNIST]
-        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn")
+        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn", "bn_linear_rnn2")
     },
 }
 
@@ -75,6 +75,16 @@ def state(run_dir: Path) -> tuple[str, int]:
     return "missing", steps
 
 
+def running_pid(run_dir: Path) -> int | None:
+    """The pid of a live process this campaign started in `run_dir`, if any (two writers must never share one)."""
+    try:
+        pid = int((run_dir / "campaign.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return pid if str(run_dir) in cmdline else None  # a recycled pid belongs to something else
+
+
 def command(name: str, run_dir: Path) -> list[str]:
     base = [sys.executable, "-m", "recurrent_bn.train"]
     if (run_dir / "last.pt").exists():
@@ -94,11 +104,16 @@ def launch(name: str, root: Path) -> subprocess.Popen:
           f"{' '.join(argv[1:])}", flush=True)
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = (run_dir / "campaign.log").open("a")
-    return subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
+    process = subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
+    (run_dir / "campaign.pid").write_text(str(process.pid))
+    return process
 
 
 def run_all(root: Path, names: list[str], jobs: int) -> int:
-    pending = [n for n in names if state(root / n)[0] in ("missing", "partial")]
+    busy = {n: running_pid(root / n) for n in names if running_pid(root / n)}
+    for name, pid in busy.items():
+        print(f"{name}: already running (pid {pid}); left alone", flush=True)
+    pending = [n for n in names if state(root / n)[0] in ("missing", "partial") and n not in busy]
     for name in names:
         if state(root / name)[0] == "finished":
             print(f"{name}: finished, skipped", flush=True)
@@ -106,8 +121,11 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
             print(f"{name}: failed (see {root / name / 'summary.json'}); not restarted", flush=True)
     running: dict[str, subprocess.Popen] = {}
     failures = 0
-    while pending or running:
-        while pending and len(running) < jobs:
+    while pending or running or busy:
+        for name in [n for n in busy if not running_pid(root / n)]:  # started by an earlier call, now done
+            del busy[name]
+            collect(root, [name])
+        while pending and len(running) + len(busy) < jobs:
             name = pending.pop(0)
             running[name] = launch(name, root)
         time.sleep(5)
@@ -152,6 +170,7 @@ def main() -> int:
     if args.status:
         for name in names:
             run_state, steps = state(root / name)
+            run_state = "running" if running_pid(root / name) else run_state
             target = next((o.split("=")[1] for o in RUNS[name] if o.startswith("trainer.max_steps=")), "?")
             print(f"{name:32s} {run_state:9s} step {steps:>6} of {target}")
         return 0

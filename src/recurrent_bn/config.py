@@ -16,7 +16,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 TASKS = ("smnist", "pmnist", "ptb", "text8", "digits")
 LSTM_MODELS = ("lstm", "vbn_lstm", "bn_lstm", "ln_lstm")
-RNN_MODELS = ("rnn", "bn_rnn", "ln_rnn", "bn_linear_rnn")
+RNN_MODELS = ("rnn", "bn_rnn", "ln_rnn", "bn_linear_rnn", "bn_linear_rnn2")
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")

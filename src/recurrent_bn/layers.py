@@ -127,6 +127,10 @@ class _RecurrentStack(nn.Module):
         steps = torch.arange(input.shape[0], device=input.device)
         return input, steps[:, None] < lengths[None, :]
 
+    def _between_layers(self, output: Tensor) -> Tensor:
+        """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
+        return output
+
     def _use_fused(self) -> bool:
         return recurrence.use_fused(self.backend)
 
@@ -154,6 +158,8 @@ class _RecurrentStack(nn.Module):
         for layer in range(self.num_layers):
             output, final = self._layer(layer, layer_input, [s[layer] for s in states], mask, start_step)
             finals.append(final)
+            if layer < self.num_layers - 1:
+                output = self._between_layers(output)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 output = F.dropout(output, self.dropout, training=True)
             layer_input = output
@@ -350,6 +356,11 @@ class RNN(_RecurrentStack):
 
     With norm="none" the parameters are torch.nn.RNN's. Other arguments as for `LSTM`; `recurrent_init="identity"`
     sets W_h to the identity (the paper's Figure 1a model uses it, with W_x orthogonal).
+
+    `layer_activation` ("identity", "tanh" or "relu") is applied to each layer's output before the next layer reads
+    it (never after the last). With `nonlinearity="identity"` and batch norm this keeps every recurrence free of a
+    nonlinearity and puts one between the recurrences, as modern linear recurrences do: the network is then no
+    longer an affine map of its input at test time.
     """
 
     state_count = 1
@@ -376,6 +387,7 @@ class RNN(_RecurrentStack):
         learn_initial_state: bool = False,
         init_state_noise: float = 0.0,
         init_state_noise_mode: str = "training",
+        layer_activation: str = "identity",
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -383,6 +395,9 @@ class RNN(_RecurrentStack):
             init_state_noise_mode, backend,
         )
         self.norm = _choice("norm", norm, RNN_NORMS)
+        self.layer_activation = _choice("layer_activation", layer_activation, NONLINEARITIES)
+        if layer_activation != "identity" and num_layers < 2:
+            raise ValueError("layer_activation acts between layers: it needs num_layers >= 2")
         self.nonlinearity = _choice("nonlinearity", nonlinearity, NONLINEARITIES)
         self.norm_placement = _choice("norm_placement", norm_placement, PLACEMENTS)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
@@ -445,6 +460,9 @@ class RNN(_RecurrentStack):
                 module.reset_parameters()
         if self.learn_initial_state:
             nn.init.zeros_(self.initial_state)
+
+    def _between_layers(self, output: Tensor) -> Tensor:
+        return recurrence.ACTIVATIONS[self.layer_activation](output)
 
     def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         input_term = F.linear(x, getattr(self, f"weight_ih_l{layer}"))

@@ -16,7 +16,7 @@ COMMON_KEYS = (
 )
 LAYER_KEYS = {
     "lstm": COMMON_KEYS + ("forget_bias", "orthogonal_init", "cell_bias"),
-    "rnn": COMMON_KEYS + ("nonlinearity", "norm_placement", "bias"),
+    "rnn": COMMON_KEYS + ("nonlinearity", "norm_placement", "bias", "layer_activation"),
 }
 HEAD_INITS = ("orthogonal", "torch")
 
