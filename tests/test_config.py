@@ -105,3 +105,31 @@ def test_configs_resolve_without_missing_values():
     for task in TASKS:
         cfg = make_cfg(f"task={task}")
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_a_model_file_holds_exactly_its_layers_arguments(model):
+    import inspect
+
+    from recurrent_bn import LSTM, RNN
+
+    cfg = make_cfg(f"model={model}")
+    layer = {"lstm": LSTM, "rnn": RNN}[cfg.model.cell]
+    arguments = set(inspect.signature(layer.__init__).parameters) - {"self", "input_size", "batch_first"}
+    assert set(cfg.model) - {"name", "cell"} == arguments
+
+
+def test_a_key_the_layer_does_not_take_is_a_config_error_naming_it():
+    from recurrent_bn.models import layer_kwargs
+
+    cfg = make_cfg("model=rnn", "+model.forget_bias=5.0")
+    with pytest.raises(ConfigError, match=r"^model.forget_bias is not an argument of recurrent_bn.RNN"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match="model.forget_bias"):
+        layer_kwargs(cfg.model)
+
+
+def test_vbn_records_the_sharing_it_runs_with():
+    assert make_cfg("model=vbn_lstm").model.share_statistics_over_time is True
+    with pytest.raises(ConfigError, match="^model.share_statistics_over_time"):
+        validate(make_cfg("model=vbn_lstm", "model.share_statistics_over_time=false"))

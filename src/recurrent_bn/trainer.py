@@ -176,8 +176,27 @@ def validate_once(task: Task, model: torch.nn.Module, trainer_cfg: DictConfig) -
         return task.evaluate(model, task.batches("valid", batches))
 
 
-def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
-    return best is None or (value > best if higher_is_better else value < best)
+def training_step(parts: Parts, step_model: torch.nn.Module, autocast, clip_grad_norm: float | None) -> None:
+    """One optimizer step on the next training batch; its loss, metric and gradient norm go to the window."""
+    x, y = parts.task.train.next()
+    with autocast:
+        loss, metric, count = parts.task.loss(step_model, x, y)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip_grad_norm or float("inf"))
+    parts.optimizer.step()
+    parts.scheduler.step()
+    parts.window.add(loss, metric, grad_norm, count, x.shape[1])
+
+
+def keep_if_best(result: dict, progress: Progress, task: Task, select_key: str, model: torch.nn.Module,
+                 best_path: Path) -> None:
+    """best.pt when the selected quantity improved (higher accuracy, lower bpc or error rate)."""
+    value, best = result[select_key], progress.best
+    higher_is_better = task.higher_is_better and select_key == task.metric
+    if best is None or (value > best if higher_is_better else value < best):
+        progress.best, progress.best_step, progress.best_metric = value, progress.step, result[task.metric]
+        save_atomic({"model": model.state_dict(), "step": progress.step, "metric": value}, best_path)
 
 
 class ScaleWarning:
@@ -391,7 +410,6 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
         step_model = torch.compile(model, mode=None if trainer_cfg.compile == "default" else trainer_cfg.compile)
     # The checkpoint kept for the test: the best task metric, or the lowest error rate (the authors' choice).
     select_key = task.metric if trainer_cfg.select_by == "metric" else "error"
-    higher_is_better = task.higher_is_better and select_key == task.metric
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if resumed:
         load_checkpoint(last_path, parts, device, progress)
@@ -425,19 +443,9 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
         with StopSignal() as stop:
             window_clock = time.time()
             while progress.step < trainer_cfg.max_steps:
-                # the step
-                x, y = task.train.next()
-                with autocast:
-                    loss, metric, count = task.loss(step_model, x, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                           trainer_cfg.clip_grad_norm or float("inf"))
-                optimizer.step()
-                parts.scheduler.step()
+                training_step(parts, step_model, autocast, trainer_cfg.clip_grad_norm)
                 progress.step += 1
                 step, last_step = progress.step, progress.step == trainer_cfg.max_steps
-                parts.window.add(loss, metric, grad_norm, count, x.shape[1])
                 bar.update(1)
                 timer.tick(step, trainer_cfg.max_steps)
 
@@ -459,10 +467,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
                     write({"step": step, "split": "valid", **result, "elapsed_s": elapsed()})
                     log.info("step %d | valid loss %.4f %s %.4f error %.4f | %.0f s", step, result["loss"],
                              task.metric, result[task.metric], result["error"], elapsed())
-                    if _improved(result[select_key], progress.best, higher_is_better):
-                        progress.best, progress.best_step = result[select_key], step
-                        progress.best_metric = result[task.metric]
-                        save_atomic({"model": model.state_dict(), "step": step, "metric": progress.best}, best_path)
+                    keep_if_best(result, progress, task, select_key, model, best_path)
                     summary.update(best_valid_metric=progress.best_metric, best_valid_selected=progress.best,
                                    best_step=progress.best_step, steps=step)
                     window_clock += time.time() - eval_start  # throughput counts training time only
