@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 from recurrent_bn import analysis, data, figures
 from recurrent_bn.config import CONF_DIR
+from recurrent_bn.provenance import provenance, write_analysis
 from recurrent_bn.trainer import train
 
 REPO = CONF_DIR.parent
@@ -72,18 +73,18 @@ def build_results_tree(root: Path) -> Path:
                                      tuple(g for g in v.gammas if g in (None, 0.1, 1.0)))
                 for v in analysis.FIGURE_1A_VARIANTS + analysis.TANH_QUESTION_VARIANTS]
     flow = analysis.gradient_flow_table(variants, x, y, task="digits")
-    meta = analysis.provenance("tests", task="digits", batch="20 sklearn digits whose first 3 pixels are 0",
-                               first_informative_step_0based=analysis.first_informative_step(x),
-                               all_informative_step_0based=analysis.all_informative_step(x))
-    analysis.write_analysis(flow, results / "analysis" / "fig1a_gradient_flow.csv", meta)
-    analysis.write_analysis(analysis.expected_tanh_derivative(np.linspace(0, 2, 41)),
-                            results / "analysis" / "fig1b_tanh_derivative.csv", analysis.provenance("tests"))
+    meta = provenance("tests", task="digits", batch="20 sklearn digits whose first 3 pixels are 0",
+                      first_informative_step_0based=analysis.first_informative_step(x),
+                      all_informative_step_0based=analysis.all_informative_step(x))
+    write_analysis(flow, results / "analysis" / "fig1a_gradient_flow.csv", meta)
+    write_analysis(analysis.expected_tanh_derivative(np.linspace(0, 2, 41)),
+                   results / "analysis" / "fig1b_tanh_derivative.csv", provenance("tests"))
     lengths = pd.concat([analysis.bpc_vs_length(results / "runs" / "fig3_ptb" / job, [12, 24], batch_size=2, limit=2)
                          for job in ("0", "1")], ignore_index=True)
-    analysis.write_analysis(lengths, results / "analysis" / "fig3b_bpc_vs_length.csv", analysis.provenance("tests"))
+    write_analysis(lengths, results / "analysis" / "fig3b_bpc_vs_length.csv", provenance("tests"))
     stats = analysis.population_statistics(results / "runs" / "fig3_ptb" / "1", units=5)
-    analysis.write_analysis(stats, results / "analysis" / "fig5_population_statistics.csv",
-                            analysis.provenance("tests", run_dir=str(results / "runs" / "fig3_ptb" / "1"), units=5))
+    write_analysis(stats, results / "analysis" / "fig5_population_statistics.csv",
+                   provenance("tests", run_dir=str(results / "runs" / "fig3_ptb" / "1"), units=5))
     shutil.copy(REPO / "results" / "paper_reference.csv", results / "paper_reference.csv")
     return results
 
