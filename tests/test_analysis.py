@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_figures import shared_results_tree
 from torch.nn import functional as F
 
 import recurrent_bn
@@ -24,12 +23,6 @@ from recurrent_bn.models import SequenceClassifier
 from recurrent_bn.runs import effective_norm_terms, load_runs, load_summaries, select
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def results_tree(tmp_path_factory) -> Path:
-    """The results tree of real short runs that test_figures.py builds (once per session)."""
-    return shared_results_tree(tmp_path_factory)
 
 
 def classifier(layer: torch.nn.Module) -> SequenceClassifier:

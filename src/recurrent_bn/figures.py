@@ -7,18 +7,14 @@ and in a log line, never filled in. Each figure says the scale its runs were mad
 Figures are built without pyplot, so they render with Agg anywhere (scripts, tests, servers) and nothing is left
 open; in a notebook a returned Figure displays itself.
 
-`Results` loads a results folder (`results/` or `$RBN_RESULTS`): runs, summaries, analyses and the reference.
+`runs.Results` loads a results folder (`results/` or `$RBN_RESULTS`): runs, summaries, analyses and the reference.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
-from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -27,12 +23,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from recurrent_bn.analysis import settling_step
-from recurrent_bn.config import CONF_DIR
-from recurrent_bn.runs import load_runs, load_summaries, select
+from recurrent_bn.runs import Results, reference_rows, runs_at
 
 log = logging.getLogger("recurrent_bn")
 
-RESULTS_ENV = "RBN_RESULTS"
 MODEL_LABELS = {
     "lstm": "LSTM", "bn_lstm": "BN-LSTM", "vbn_lstm": "VBN-LSTM (W_x x only)", "ln_lstm": "LN-LSTM",
     "rnn": "tanh RNN", "bn_rnn": "tanh(BN(·)) RNN", "bn_linear_rnn": "BN, no tanh, no bias",
@@ -246,17 +240,6 @@ def _reference_lines(ax: Axes, reference: pd.DataFrame, color_of_model, text_pre
                    label=f"{text_prefix} {row['name']}{where}{qualifier}: {row['value']:g}")
 
 
-def _reference(reference: pd.DataFrame | None, **where) -> pd.DataFrame:
-    if reference is None or reference.empty:
-        return pd.DataFrame(columns=["source", "task", "model", "name", "metric", "value", "step", "length",
-                                     "condition", "note"])
-    mask = np.ones(len(reference), dtype=bool)
-    for key, value in where.items():
-        values = value if isinstance(value, list | tuple | set) else [value]
-        mask &= reference[key].isin(values).to_numpy()
-    return reference[mask]
-
-
 # ------------------------------------------------------------------------------------- Figure 1a, 1b
 
 
@@ -394,6 +377,24 @@ def figure_1b(tanh: pd.DataFrame) -> Figure:
 # ------------------------------------------------------------------------------------- Figure 2, 3a, 3b
 
 
+def _validation_figure(runs: pd.DataFrame, tasks: Sequence[str], models: Sequence[str], width: float, paper_of,
+                       text_prefix: str, title: str, footnote: str, **panel) -> Figure:
+    """One validation panel per task (see `_validation_panel`), over the paper's values for it (`paper_of(task)`)
+    as dotted lines; the scale, the missing models and `footnote` under the axes."""
+    fig = Figure(figsize=(width * len(tasks), 4.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
+    notes = []
+    for ax, task in zip(axes, tasks, strict=True):
+        paper = paper_of(task)
+        _reference_lines(ax, paper, _color, text_prefix=text_prefix)
+        notes.append(_validation_panel(ax, _rows_of(runs, task, models), _metric_of(task), _task_label(task),
+                                       f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty,
+                                       expected=models, what=f"{task} models", **panel))
+    fig.suptitle(title)
+    _footer(fig, [scale_label(runs), *notes, footnote])
+    return fig
+
+
 def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
              models: Sequence[str] = ("lstm", "bn_lstm", "vbn_lstm", "ln_lstm")) -> Figure:
     """Figure 2: validation accuracy against training iteration, one panel per pixel task (sMNIST, pMNIST, and
@@ -401,41 +402,24 @@ def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
     runs = runs if runs is not None else pd.DataFrame()
     tasks = _tasks_of(runs, ("smnist", "pmnist"))
     tasks = [t for t in tasks if t in CLASSIFICATION_TASKS or _metric_of(t) == "acc"] or ["smnist", "pmnist"]
-    fig = Figure(figsize=(6.2 * len(tasks), 4.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    notes = []
-    for ax, task in zip(axes, tasks, strict=True):
-        paper = _reference(reference, source="figure2", task=task, metric="valid_acc")
-        _reference_lines(ax, paper, _color)
-        notes.append(_validation_panel(ax, _rows_of(runs, task, models), "acc", _task_label(task),
-                                       f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty,
-                                       expected=models, what=f"{task} models", xlabel="training iteration",
-                                       legend_loc="below"))
-    fig.suptitle("Figure 2: validation accuracy during training")
-    _footer(fig, [scale_label(runs), *notes, "dotted: the paper's curves read off its Figure 2 (after 100k "
-                                              "iterations of the paper's scale)"])
-    return fig
+    return _validation_figure(
+        runs, tasks, models, 6.2, lambda task: reference_rows(reference, source="figure2", task=task,
+                                                              metric="valid_acc"),
+        "paper", "Figure 2: validation accuracy during training",
+        "dotted: the paper's curves read off its Figure 2 (after 100k iterations of the paper's scale)",
+        xlabel="training iteration", legend_loc="below")
 
 
 def figure_3a(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
               models: Sequence[str] = ("lstm", "bn_lstm")) -> Figure:
     """Figure 3a: validation bits per character against the training step (PTB; text8 too if present)."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = [t for t in _tasks_of(runs, LANGUAGE_TASKS)
-             if t in LANGUAGE_TASKS] or ["ptb"]
-    fig = Figure(figsize=(6.5 * len(tasks), 4.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    notes = []
-    for ax, task in zip(axes, tasks, strict=True):
-        paper = _reference(reference, source="table2" if task == "ptb" else "table3", task=task, model=list(models))
-        _reference_lines(ax, paper, _color, text_prefix="paper test")
-        notes.append(_validation_panel(ax, _rows_of(runs, task, models), "bpc", _task_label(task),
-                                       f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty,
-                                       expected=models, what=f"{task} models"))
-    fig.suptitle("Figure 3a: validation bits per character during training")
-    _footer(fig, [scale_label(runs), *notes, "dotted: the paper's test bpc (Tables 2 and 3), after its full "
-                                              "training"])
-    return fig
+    tasks = [t for t in _tasks_of(runs, LANGUAGE_TASKS) if t in LANGUAGE_TASKS] or ["ptb"]
+    return _validation_figure(
+        runs, tasks, models, 6.5, lambda task: reference_rows(reference, source="table2" if task == "ptb" else "table3",
+                                                              task=task, model=list(models)),
+        "paper test", "Figure 3a: validation bits per character during training",
+        "dotted: the paper's test bpc (Tables 2 and 3), after its full training")
 
 
 BPC_MODES = {"none": "", "population": "population statistics", "batch": "batch statistics"}
@@ -469,7 +453,7 @@ def figure_3b(bpc_length: pd.DataFrame, reference: pd.DataFrame | None = None,
         present = set(zip(bpc_length["model"], bpc_length["mode"], strict=True))
         notes = [_missing([f"{m} ({k})" for m, k in expected if (m, k) not in present], [], "curves")]
     ours.set_title("ours", fontsize=10)
-    reference = _reference(reference, source="figure3b")
+    reference = reference_rows(reference, source="figure3b")
     if reference.empty:
         _empty(paper, "no paper reference values")
     else:
@@ -723,7 +707,7 @@ def figure_paper_curves(runs: pd.DataFrame, reference: pd.DataFrame | None = Non
     notes = []
     for ax, task in zip(axes, PAPER_FIGURES, strict=True):
         rows = runs[runs["task"] == task]
-        _paper_points(ax, _reference(reference, source=PAPER_FIGURES[task], task=task, model=list(CURVE_MODELS)))
+        _paper_points(ax, reference_rows(reference, source=PAPER_FIGURES[task], task=task, model=list(CURVE_MODELS)))
         _validation_panel(ax, rows, _metric_of(task), _task_label(task), f"no paper-scale {task} runs yet",
                           keep_ticks=True, label_of=lambda r: f"ours {_label(r['model'])} ({r['job']})",
                           legend_loc="below")
@@ -748,7 +732,7 @@ def paper_points_table(runs: pd.DataFrame, reference: pd.DataFrame | None) -> pd
             valid = runs[(runs["task"] == task) & (runs["model"] == model) & (runs["split"] == "valid")]
             for step in steps:
                 ours = valid[valid["step"] == step][metric]
-                paper = _reference(reference, source=PAPER_FIGURES[task], task=task, model=model)
+                paper = reference_rows(reference, source=PAPER_FIGURES[task], task=task, model=model)
                 paper = paper[paper["step"].astype(float) == step] if not paper.empty else paper
                 value = float(ours.mean()) if len(ours) else np.nan
                 theirs = float(paper["value"].iloc[0]) if len(paper) else np.nan
@@ -793,7 +777,7 @@ def paper_table(summaries: pd.DataFrame, reference: pd.DataFrame | None, table: 
     """
     tasks = PAPER_TABLE_COLUMNS[table]
     rows = []
-    paper = _reference(reference, source=table)
+    paper = reference_rows(reference, source=table)
     for name, group in paper.groupby("name", sort=False):
         row = {"source": "paper", "model": name}
         for task in tasks:
@@ -862,79 +846,6 @@ TABLE_TITLES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-def results_root(path=None) -> Path:
-    """The results folder: `path`, else $RBN_RESULTS, else the repository's results/."""
-    if path is not None:
-        return Path(path)
-    if os.environ.get(RESULTS_ENV):
-        return Path(os.environ[RESULTS_ENV])
-    return CONF_DIR.parent / "results"
-
-
-class Results:
-    """A results folder (see the README's layout): runs/, analysis/, paper_reference.csv, figures/."""
-
-    def __init__(self, root=None) -> None:
-        self.root = results_root(root)
-
-    @cached_property
-    def runs(self) -> pd.DataFrame:
-        return load_runs(self.root / "runs")
-
-    @cached_property
-    def summaries(self) -> pd.DataFrame:
-        return load_summaries(self.root / "runs")
-
-    @cached_property
-    def reference(self) -> pd.DataFrame:
-        path = self.root / "paper_reference.csv"
-        if not path.is_file():
-            log.warning("no %s: figures are drawn without the paper's values", path)
-            return _reference(None)
-        return pd.read_csv(path)
-
-    def runs_of(self, prefix: str) -> pd.DataFrame:
-        """Metrics rows of the runs whose sweep directory name starts with `prefix` (e.g. "fig2")."""
-        return select(self.runs, prefix)
-
-    def summaries_of(self, prefix: str) -> pd.DataFrame:
-        return select(self.summaries, prefix)
-
-    def analysis(self, name: str) -> pd.DataFrame:
-        """results/analysis/<name>.csv, or an empty frame (with a log line) when it has not been computed."""
-        path = self.root / "analysis" / f"{name}.csv"
-        if not path.is_file():
-            log.warning("no %s", path)
-            return pd.DataFrame()
-        return pd.read_csv(path)
-
-    def analysis_meta(self, name: str) -> dict:
-        path = self.root / "analysis" / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _runs_at(summaries: pd.DataFrame, source) -> pd.DataFrame:
-    """The summaries of the runs an analysis was computed from (its frame's run_dir column, or its JSON's)."""
-    if isinstance(source, pd.DataFrame):
-        run_dirs = set(source["run_dir"].astype(str)) if "run_dir" in source else set()
-    else:
-        run_dirs = {str(source["run_dir"])} if source and source.get("run_dir") else set()
-    if summaries.empty or not run_dirs:
-        return pd.DataFrame()
-    # An analysis records its run relative to where it ran (results/runs/...), the summaries hold absolute paths:
-    # the same run when one path ends with the other.
-    wanted = [Path(p).parts for p in run_dirs]
-
-    def recorded(run_dir: str) -> bool:
-        parts = Path(run_dir).parts
-        return any(parts[-len(w):] == w or w[-len(parts):] == parts for w in wanted)
-
-    return summaries[[recorded(p) for p in summaries["run_dir"]]]
-
-
 def all_figures(results: Results) -> dict[str, Figure]:
     """Every figure of the paper (and ours) from a results folder, by file name (without .png)."""
     lengths = results.analysis("fig3b_bpc_vs_length")
@@ -945,9 +856,9 @@ def all_figures(results: Results) -> dict[str, Figure]:
         "fig1b_tanh_derivative": figure_1b(results.analysis("fig1b_tanh_derivative")),
         "fig2_mnist_accuracy": figure_2(results.runs_of("fig2"), results.reference),
         "fig3a_valid_bpc": figure_3a(results.runs_of("fig3"), results.reference),
-        "fig3b_bpc_vs_length": figure_3b(lengths, results.reference, _runs_at(results.summaries, lengths)),
+        "fig3b_bpc_vs_length": figure_3b(lengths, results.reference, runs_at(results.summaries, lengths)),
         "fig5_population_statistics": figure_5(results.analysis("fig5_population_statistics"), meta=population,
-                                               runs=_runs_at(results.summaries, population)),
+                                               runs=runs_at(results.summaries, population)),
         "fig6_gamma_sensitivity": figure_6(results.runs_of("fig6")),
         "fig7_statistics_and_terms": figure_7(results.runs_of("fig7")),
         "fig8_tanh_question": figure_8(results.runs_of("fig8"), results.analysis("fig1a_gradient_flow"),

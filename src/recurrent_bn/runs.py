@@ -1,5 +1,6 @@
-"""Reading training runs: find the run directories under a folder, read what each says about itself (config.yaml,
-summary.json, .hydra/overrides.yaml, metrics.csv) into pandas frames, and rebuild a run's trained model.
+"""Reading stored results: find the run directories under a folder, read what each says about itself (config.yaml,
+summary.json, .hydra/overrides.yaml, metrics.csv) into pandas frames, rebuild a run's trained model, and read a
+results folder (`Results`: its runs, the computed analyses and the paper's reference values).
 
 The figures group and label runs by these frames; the analyses of trained models (`analysis.py`) load their
 models here. Nothing here computes or draws.
@@ -8,7 +9,10 @@ models here. Nothing here computes or draws.
 from __future__ import annotations
 
 import json
+import logging
+import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +22,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from recurrent_bn.config import CONF_DIR
 from recurrent_bn.models import build_model
+
+log = logging.getLogger("recurrent_bn")
 
 RUN_FILES = ("summary.json", "metrics.csv")
 ATTRIBUTES = (
@@ -27,6 +34,8 @@ ATTRIBUTES = (
     "hidden_size", "max_steps", "batch_size", "seq_len", "permutation", "optimizer", "lr", "seed", "preset", "status",
     "metric", "steps_done", "device",
 )
+RESULTS_ENV = "RBN_RESULTS"
+REFERENCE_COLUMNS = ("source", "task", "model", "name", "metric", "value", "step", "length", "condition", "note")
 METRIC_COLUMNS = ("step", "split", "loss", "acc", "bpc", "grad_norm", "lr_now", "elapsed_s", "seq_per_s")
 
 
@@ -188,3 +197,85 @@ def load_trained_model(run_dir: Path, checkpoint: str = "final.pt", device: str 
     path = checkpoint_file(run_dir / checkpoint)
     model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
     return model.to(device).eval(), cfg
+
+
+def reference_rows(reference: pd.DataFrame | None, **where) -> pd.DataFrame:
+    """The rows of the paper's reference values (results/paper_reference.csv) whose columns take the given values
+    (a value or a list of them), e.g. `source="table2", task="ptb"`; empty, with its columns, without a reference."""
+    if reference is None or reference.empty:
+        return pd.DataFrame(columns=list(REFERENCE_COLUMNS))
+    mask = np.ones(len(reference), dtype=bool)
+    for key, value in where.items():
+        values = value if isinstance(value, list | tuple | set) else [value]
+        mask &= reference[key].isin(values).to_numpy()
+    return reference[mask]
+
+
+def results_root(path=None) -> Path:
+    """The results folder: `path`, else $RBN_RESULTS, else the repository's results/."""
+    if path is not None:
+        return Path(path)
+    if os.environ.get(RESULTS_ENV):
+        return Path(os.environ[RESULTS_ENV])
+    return CONF_DIR.parent / "results"
+
+
+class Results:
+    """A results folder (see the README's layout): runs/, analysis/, paper_reference.csv, figures/."""
+
+    def __init__(self, root=None) -> None:
+        self.root = results_root(root)
+
+    @cached_property
+    def runs(self) -> pd.DataFrame:
+        return load_runs(self.root / "runs")
+
+    @cached_property
+    def summaries(self) -> pd.DataFrame:
+        return load_summaries(self.root / "runs")
+
+    @cached_property
+    def reference(self) -> pd.DataFrame:
+        path = self.root / "paper_reference.csv"
+        if not path.is_file():
+            log.warning("no %s: figures are drawn without the paper's values", path)
+            return reference_rows(None)
+        return pd.read_csv(path)
+
+    def runs_of(self, prefix: str) -> pd.DataFrame:
+        """Metrics rows of the runs whose sweep directory name starts with `prefix` (e.g. "fig2")."""
+        return select(self.runs, prefix)
+
+    def summaries_of(self, prefix: str) -> pd.DataFrame:
+        return select(self.summaries, prefix)
+
+    def analysis(self, name: str) -> pd.DataFrame:
+        """results/analysis/<name>.csv, or an empty frame (with a log line) when it has not been computed."""
+        path = self.root / "analysis" / f"{name}.csv"
+        if not path.is_file():
+            log.warning("no %s", path)
+            return pd.DataFrame()
+        return pd.read_csv(path)
+
+    def analysis_meta(self, name: str) -> dict:
+        path = self.root / "analysis" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def runs_at(summaries: pd.DataFrame, source) -> pd.DataFrame:
+    """The summaries of the runs an analysis was computed from (its frame's run_dir column, or its JSON's)."""
+    if isinstance(source, pd.DataFrame):
+        run_dirs = set(source["run_dir"].astype(str)) if "run_dir" in source else set()
+    else:
+        run_dirs = {str(source["run_dir"])} if source and source.get("run_dir") else set()
+    if summaries.empty or not run_dirs:
+        return pd.DataFrame()
+    # An analysis records its run relative to where it ran (results/runs/...), the summaries hold absolute paths:
+    # the same run when one path ends with the other.
+    wanted = [Path(p).parts for p in run_dirs]
+
+    def recorded(run_dir: str) -> bool:
+        parts = Path(run_dir).parts
+        return any(parts[-len(w):] == w or w[-len(parts):] == parts for w in wanted)
+
+    return summaries[[recorded(p) for p in summaries["run_dir"]]]
