@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from recurrent_bn import trainer
 from recurrent_bn.config import CONF_DIR, check_added_keys
@@ -31,11 +30,6 @@ from recurrent_bn.trainer import Diverged, train
 REPO = CONF_DIR.parent
 SMALL = ["task=digits", "task.batch_size=16", "model=lstm", "model.hidden_size=8", "logger=csv",
          "trainer.threads=1"]
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -120,7 +114,7 @@ def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row
 
 
 def test_the_preset_of_a_resumed_run_is_read_from_its_start_record(tmp_path):
-    from recurrent_bn.analysis import run_info
+    from recurrent_bn.runs import run_info
 
     run_dir = tmp_path / "run"
     assert cli("experiment=cpu_pmnist", *SMALL, "trainer.max_steps=4", "trainer.eval_every=4",
@@ -190,7 +184,8 @@ def test_a_wandb_server_that_never_answers_costs_at_most_the_timeouts(tmp_path):
 # ------------------------------------------------------------------------------------------ 6. a full disk
 
 
-def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_temporary_file(tmp_path, monkeypatch,
+                                                                                           make_cfg):
     original, calls = torch.save, []
 
     def save_until_the_disk_is_full(content, path, *args, **kwargs):
@@ -221,7 +216,7 @@ def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_tempor
     ("model.hidden_size=100000000000000000000", "model.hidden_size"), ("model.hidden_size=1000000", "model.hidden"),
     ("task.batch_size=5000", "task.batch_size"),
 ])
-def test_values_that_used_to_give_a_traceback_give_one_line(tmp_path, override, key):
+def test_values_that_used_to_give_a_traceback_give_one_line(tmp_path, override, key, make_cfg):
     cfg = make_cfg(*SMALL, "trainer.max_steps=2", override)
     with pytest.raises(ConfigError) as error:
         train(cfg, tmp_path / "run")
@@ -233,7 +228,7 @@ def test_batch_larger_than_the_split_is_exit_2_on_the_command_line(tmp_path):
                                                         f"hydra.run.dir={tmp_path / 'run'}"))
 
 
-def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path):
+def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path, make_cfg):
     run_dir = tmp_path / "run"
     cfg = make_cfg(*SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=4")
     train(cfg, run_dir)
@@ -258,7 +253,7 @@ def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path):
     assert "config.yaml cannot be read" in line and not (REPO / "pwned").exists()
 
 
-def test_unreadable_data_is_one_line_naming_the_file(tmp_path, monkeypatch):
+def test_unreadable_data_is_one_line_naming_the_file(tmp_path, monkeypatch, make_cfg):
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/MNIST/raw/train-images-idx3-ubyte")
 
@@ -278,7 +273,7 @@ def test_resume_at_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
     assert not missing.exists()
 
 
-def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch):
+def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch, make_cfg):
     original = trainer.Task.loss
 
     def nan_at_step_3(self, model, x, y):
@@ -295,7 +290,7 @@ def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkey
     assert not (run_dir / "last.pt").exists()
 
 
-def test_an_added_key_that_nothing_reads_is_refused_naming_the_close_one(tmp_path):
+def test_an_added_key_that_nothing_reads_is_refused_naming_the_close_one(tmp_path, make_cfg):
     cfg = make_cfg("+trainer.max_step=10")
     with pytest.raises(ConfigError, match=r"^\+trainer.max_step: no such key.*did you mean trainer.max_steps\?"):
         check_added_keys(cfg, ["+trainer.max_step=10"])
