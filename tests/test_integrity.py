@@ -53,6 +53,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------- 1. one writer per directory
 
 
+@pytest.mark.slow
 def test_a_second_process_cannot_write_a_run_directory_in_use(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "recurrent_bn.train", *SMALL, "trainer.max_steps=100000",
@@ -81,6 +82,7 @@ def test_a_second_process_cannot_write_a_run_directory_in_use(tmp_path):
 # ------------------------------------------------- 2, 4, 5. resume keeps the record, composes, and tests once
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row(tmp_path):
     run_dir = tmp_path / "run"
     start = [*SMALL, "trainer.max_steps=10", "trainer.eval_every=5", "trainer.checkpoint_every=5", "seed=3"]
@@ -113,6 +115,7 @@ def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row
         assert key in one_error_line(cli(f"resume={run_dir}", change))
 
 
+@pytest.mark.slow
 def test_the_preset_of_a_resumed_run_is_read_from_its_start_record(tmp_path):
     from recurrent_bn.runs import run_info
 
@@ -126,6 +129,7 @@ def test_the_preset_of_a_resumed_run_is_read_from_its_start_record(tmp_path):
 # ------------------------------------------------------------------------------------------ 3, 11. wandb
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_key_in_a_terminal_never_prompts(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -159,6 +163,7 @@ def test_wandb_online_without_a_key_in_a_terminal_never_prompts(tmp_path):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_a_wandb_server_that_never_answers_costs_at_most_the_timeouts(tmp_path):
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
