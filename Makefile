@@ -41,7 +41,7 @@ figures: $(STAMP) ## draw every figure into results/figures/ from the stored res
 test: $(STAMP) ## the test suite (fast tests; slow ones: make test-slow)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP) ## the slow tests
+test-slow: $(STAMP) ## the slow tests (command-line runs, resume after SIGKILL, the notebooks, make train)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP) ## ruff

@@ -19,6 +19,7 @@ import torch
 from _launch import analysis_root
 
 from recurrent_bn import analysis, data
+from recurrent_bn.provenance import provenance, write_analysis
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     first = analysis.first_informative_step(x)
     variants = analysis.FIGURE_1A_VARIANTS + analysis.TANH_QUESTION_VARIANTS
     flow = analysis.gradient_flow_table(variants, x, y, seed=args.seed)
-    meta = analysis.provenance(
+    meta = provenance(
         data_root=str(data.resolve_data_root(None)), task="smnist",
         batch=f"the first {args.batch} images of the MNIST training split, scanline order (sequential MNIST)",
         first_informative_step_0based=first,
@@ -48,9 +49,9 @@ def main() -> None:
     )
     # The per-variant settings (overrides, noise, placement, init) are in the JSON: the CSV keeps what is plotted.
     columns = ["variant", "model", "gamma_init", "init_state_noise", "t", "log10_grad_norm"]
-    analysis.write_analysis(flow[columns], out, meta, float_format="%.5g")  # log10 norms: 5 digits keep it < 2 MB
+    write_analysis(flow[columns], out, meta, float_format="%.5g")  # log10 norms: 5 digits keep it < 2 MB
     summary = analysis.summarize_gradient_flow(flow, first_informative=first)
-    analysis.write_analysis(summary, out.with_name(out.stem + "_summary.csv"), meta)
+    write_analysis(summary, out.with_name(out.stem + "_summary.csv"), meta)
     print(summary.round(2).to_string(index=False))
     print(f"wrote {out} ({time.time() - start:.0f} s)")
 

@@ -12,14 +12,15 @@ import numpy as np
 from _launch import analysis_root
 
 from recurrent_bn import analysis
+from recurrent_bn.provenance import provenance, write_analysis
 
 
 def main() -> None:
     out = analysis_root() / "fig1b_tanh_derivative.csv"
     table = analysis.expected_tanh_derivative(np.round(np.arange(0, 2.0001, 0.01), 2))
-    meta = analysis.provenance(method="Gauss-Hermite quadrature (200 nodes) for the mean; quantiles of tanh'(z) "
-                                      "from the half-normal quantiles of |z|, exact")
-    analysis.write_analysis(table, out, meta)
+    meta = provenance(method="Gauss-Hermite quadrature (200 nodes) for the mean; quantiles of tanh'(z) "
+                             "from the half-normal quantiles of |z|, exact")
+    write_analysis(table, out, meta)
     print(table[table["sigma"].isin([0.1, 0.5, 1.0])].to_string(index=False))
     print(f"wrote {out}")
 

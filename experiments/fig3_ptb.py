@@ -17,6 +17,8 @@ import pandas as pd
 from _launch import analysis_root, preset, relative, runs_root, sweep
 
 from recurrent_bn import analysis
+from recurrent_bn.provenance import provenance, write_analysis
+from recurrent_bn.runs import load_summaries
 
 
 def main() -> int:
@@ -29,7 +31,7 @@ def main() -> int:
     args, overrides = parser.parse_known_args()
     code = 0 if args.skip_train else sweep("fig3_ptb", [preset("ptb"), "model=lstm,bn_lstm"], overrides)
     start = time.time()
-    summaries = analysis.load_summaries(runs_root() / "fig3_ptb")
+    summaries = load_summaries(runs_root() / "fig3_ptb")
     done = summaries[summaries["status"] == "completed"] if not summaries.empty else summaries
     if done.empty:
         print(f"no completed runs in {runs_root() / 'fig3_ptb'}: nothing to evaluate", file=sys.stderr)
@@ -43,8 +45,8 @@ def main() -> int:
     frame = pd.concat(frames, ignore_index=True)
     frame["run_dir"] = frame["run_dir"].map(relative)
     out = analysis_root() / "fig3b_bpc_vs_length.csv"
-    analysis.write_analysis(frame, out, analysis.provenance(split=args.split, limit=args.limit,
-                                                             wall_time_s=round(time.time() - start, 1)))
+    meta = provenance(split=args.split, limit=args.limit, wall_time_s=round(time.time() - start, 1))
+    write_analysis(frame, out, meta)
     print(frame.to_string(index=False))
     print(f"wrote {out}")
     return code

@@ -12,6 +12,8 @@ import sys
 from _launch import analysis_root, relative, runs_root
 
 from recurrent_bn import analysis
+from recurrent_bn.provenance import provenance, write_analysis
+from recurrent_bn.runs import load_summaries
 
 
 def main() -> int:
@@ -22,7 +24,7 @@ def main() -> int:
     args = parser.parse_args()
     run = args.run
     if run is None:
-        summaries = analysis.load_summaries(runs_root() / "fig3_ptb")
+        summaries = load_summaries(runs_root() / "fig3_ptb")
         found = summaries[(summaries["model"] == "bn_lstm") & (summaries["status"] == "completed")] \
             if not summaries.empty else summaries
         if found.empty:
@@ -37,7 +39,7 @@ def main() -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     out = analysis_root() / "fig5_population_statistics.csv"
-    analysis.write_analysis(stats, out, analysis.provenance(run_dir=str(run), units=args.units, seed=args.seed))
+    write_analysis(stats, out, provenance(run_dir=str(run), units=args.units, seed=args.seed))
     print(analysis.settling_step(stats).to_string(index=False))
     print(f"wrote {out}")
     return 0

@@ -13,8 +13,8 @@ import time
 from _launch import analysis_root
 
 from recurrent_bn import data
-from recurrent_bn.analysis import provenance
 from recurrent_bn.linear_ceiling import linear_ceiling
+from recurrent_bn.provenance import provenance
 
 if __name__ == "__main__":
     splits = data.load_mnist(data.resolve_data_root(None), num_valid=10_000)

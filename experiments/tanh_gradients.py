@@ -17,6 +17,8 @@ from paper_curves import campaign_dir
 
 from recurrent_bn import analysis
 from recurrent_bn.models import build_model
+from recurrent_bn.provenance import provenance, write_analysis
+from recurrent_bn.runs import load_trained_model
 
 MODELS = ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn", "bn_linear_rnn2")
 PRESET = ["experiment=paper_pmnist", "task.permutation=random", "model.init_state_noise=0"]
@@ -41,7 +43,7 @@ def flows(x, y) -> pd.DataFrame:
             frames.append(frame(network, x, y, model, gamma, "initialization"))
         run_dir = campaign / f"tanh_pmnist_{model}_s1"
         if (run_dir / "last.pt").exists():
-            network, cfg = analysis.load_trained_model(run_dir, "last.pt")
+            network, cfg = load_trained_model(run_dir, "last.pt")
             step = torch.load(run_dir / "last.pt", weights_only=True)["step"]
             gamma = float(cfg.model.gamma_init) if cfg.model.norm != "none" else None
             frames.append(frame(network, x, y, model, gamma, f"trained ({step} steps)"))
@@ -62,6 +64,6 @@ if __name__ == "__main__":
     summary = [{"model": m, "gamma_init": g, "when": w, "factor_per_step": factor(group["log10_grad_norm"].to_numpy()),
                 "log10_at_t1": group["log10_grad_norm"].iloc[0], "log10_at_T": group["log10_grad_norm"].iloc[-1]}
                for (m, g, w), group in table.groupby(["model", "gamma_init", "when"], dropna=False, sort=False)]
-    meta = analysis.provenance(window=WINDOW, overrides=PRESET, factors=summary)
-    analysis.write_analysis(table, analysis_root() / "tanh_gradients.csv", meta)
+    meta = provenance(window=WINDOW, overrides=PRESET, factors=summary)
+    write_analysis(table, analysis_root() / "tanh_gradients.csv", meta)
     print(pd.DataFrame(summary).to_string(index=False))

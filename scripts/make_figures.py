@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from recurrent_bn import figures
+from recurrent_bn.runs import Results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     start = time.time()
-    results = figures.Results(args.results)
+    results = Results(args.results)
     out = Path(args.out) if args.out else results.root / "figures"
     out.mkdir(parents=True, exist_ok=True)
 

@@ -15,20 +15,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_figures import shared_results_tree
 from torch.nn import functional as F
 
 import recurrent_bn
 from recurrent_bn import analysis
 from recurrent_bn.models import SequenceClassifier
+from recurrent_bn.runs import effective_norm_terms, load_runs, load_summaries, select
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def results_tree(tmp_path_factory) -> Path:
-    """The results tree of real short runs that test_figures.py builds (once per session)."""
-    return shared_results_tree(tmp_path_factory)
 
 
 def classifier(layer: torch.nn.Module) -> SequenceClassifier:
@@ -237,19 +231,19 @@ def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
     lstm = analysis.bpc_vs_length(runs_root / "fig3_ptb" / "0", lengths=[12], batch_size=2, limit=3)
     assert lstm["mode"].tolist() == ["none"]
 
-    runs = analysis.load_runs(runs_root)
+    runs = load_runs(runs_root)
     assert {"fig2_digits", "fig3_ptb", "fig8_tanh_digits"} <= set(runs["experiment"])
     assert set(runs["split"]) >= {"train", "valid", "test"}
     one = runs[runs["run_dir"] == str(bn_run)]
     assert set(one["task"]) == {"ptb"} and set(one["model"]) == {"bn_lstm"} and set(one["status"]) == {"completed"}
     assert set(one["norm_terms"]) == {"input+recurrent+cell"} and set(one["hidden_size"]) == {8}
-    summaries = analysis.load_summaries(runs_root)
+    summaries = load_summaries(runs_root)
     assert len(summaries) == runs["run_dir"].nunique() and summaries["test_metric"].notna().all()
-    assert set(analysis.select(summaries, "fig2")["experiment"]) == {"fig2_digits"}
+    assert set(select(summaries, "fig2")["experiment"]) == {"fig2_digits"}
     # vbn shares its statistics by definition (and its model file says so); among the others only Figure 7's runs do
     shared = summaries[summaries["share_statistics_over_time"] & (summaries["norm"] != "vbn")]
     assert set(shared["experiment"]) == {"fig7_shared_digits"}
-    assert analysis.load_runs(runs_root / "nothing here").empty
+    assert load_runs(runs_root / "nothing here").empty
 
 
 def test_a_run_without_its_checkpoints_says_why_and_what_to_do(results_tree, tmp_path):
@@ -268,9 +262,9 @@ def test_effective_norm_terms_resolve_each_models_default():
              "rnn": "none", "bn_rnn": "sum", "bn_linear_rnn": "input+recurrent", "ln_rnn": "sum"}
     for model, expected in cases.items():
         cfg = analysis.compose_config(model, task="digits")
-        assert analysis.effective_norm_terms(cfg.model) == expected, model
+        assert effective_norm_terms(cfg.model) == expected, model
     cfg = analysis.compose_config("bn_lstm", ["model.norm_terms=[recurrent,cell]"], task="digits")
-    assert analysis.effective_norm_terms(cfg.model) == "recurrent+cell"
+    assert effective_norm_terms(cfg.model) == "recurrent+cell"
 
 
 # ------------------------------------------------------------------------------------------------- wandb
@@ -298,7 +292,7 @@ def test_wandb_export_converts_a_run_into_the_layout_load_runs_reads(tmp_path):
                           summary={"best_valid_metric": 0.35, "best_step": 20, "test_metric": 0.33, "steps": 20},
                           scan_history=lambda: iter(history))
     run_dir = export.run_to_files(run, tmp_path / "fig2_wandb")
-    runs = analysis.load_runs(tmp_path)
+    runs = load_runs(tmp_path)
     assert runs[["step", "split"]].values.tolist() == [[10, "train"], [20, "train"], [20, "valid"], [20, "test"]]
     assert runs["acc"].tolist() == [0.2, 0.4, 0.35, 0.33] and runs["lr_now"].iloc[0] == 1e-3
     assert set(runs["task"]) == {"digits"} and set(runs["model"]) == {"bn_lstm"}

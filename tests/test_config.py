@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recurrent_bn.config import CONF_DIR, LSTM_MODELS, RNN_MODELS, TASKS, validate
@@ -14,14 +13,9 @@ MODELS = LSTM_MODELS + RNN_MODELS
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("model", MODELS)
-def test_every_task_and_model_composes_validates_and_builds(task, model):
+def test_every_task_and_model_composes_validates_and_builds(task, model, make_cfg):
     cfg = make_cfg(f"task={task}", f"model={model}", "model.hidden_size=8")
     validate(cfg)
     assert cfg.task.name == task and cfg.model.name == model
@@ -34,7 +28,7 @@ def test_every_task_and_model_composes_validates_and_builds(task, model):
         assert norms and all(m.max_length == cfg.task.steps for m in norms)
 
 
-def test_task_files_carry_the_papers_setup():
+def test_task_files_carry_the_papers_setup(make_cfg):
     pmnist = make_cfg("task=pmnist")
     assert (pmnist.optim.name, pmnist.optim.lr, pmnist.optim.decay) == ("rmsprop", 1e-3, 0.9)
     assert (pmnist.model.hidden_size, pmnist.task.batch_size, pmnist.trainer.max_steps) == (100, 100, 100000)
@@ -50,13 +44,13 @@ def test_task_files_carry_the_papers_setup():
     assert make_cfg("task=pmnist", "model=bn_lstm").model.init_state_noise == 0.0
 
 
-def test_command_line_overrides_beat_the_task_setup():
+def test_command_line_overrides_beat_the_task_setup(make_cfg):
     cfg = make_cfg("task=ptb", "optim=rmsprop", "model.hidden_size=32", "optim.lr=0.01")
     assert (cfg.optim.name, cfg.model.hidden_size, cfg.optim.lr) == ("rmsprop", 32, 0.01)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(experiment):
+def test_every_experiment_composes_and_validates(experiment, make_cfg):
     cfg = make_cfg(f"experiment={experiment}", "model=lstm")
     validate(cfg)
     task = experiment.split("_", 1)[1]
@@ -67,9 +61,8 @@ def test_every_experiment_composes_and_validates(experiment):
 
 
 @pytest.mark.parametrize("launcher", ["parallel", "slurm"])
-def test_launcher_presets_compose(launcher):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+def test_launcher_presets_compose(launcher, make_cfg):
+    cfg = make_cfg(f"hydra/launcher={launcher}", return_hydra_config=True)
     assert "launcher" in cfg.hydra.launcher._target_.lower()
 
 
@@ -88,7 +81,7 @@ def test_launcher_presets_compose(launcher):
     ("model.recurrent_init=eye", "model"),
     ("trainer.valid_statistics=population", "trainer.valid_statistics"),
 ])
-def test_bad_values_raise_one_line_naming_the_key(override, key):
+def test_bad_values_raise_one_line_naming_the_key(override, key, make_cfg):
     cfg = make_cfg(override)
     with pytest.raises(ConfigError) as error:
         validate(cfg)
@@ -97,18 +90,18 @@ def test_bad_values_raise_one_line_naming_the_key(override, key):
     assert message.startswith(key) and "\n" not in message
 
 
-def test_a_batch_of_one_is_fine_without_batch_norm():
+def test_a_batch_of_one_is_fine_without_batch_norm(make_cfg):
     validate(make_cfg("model=ln_lstm", "task.batch_size=1"))
 
 
-def test_configs_resolve_without_missing_values():
+def test_configs_resolve_without_missing_values(make_cfg):
     for task in TASKS:
         cfg = make_cfg(f"task={task}")
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_a_model_file_holds_exactly_its_layers_arguments(model):
+def test_a_model_file_holds_exactly_its_layers_arguments(model, make_cfg):
     import inspect
 
     from recurrent_bn import LSTM, RNN
@@ -119,7 +112,7 @@ def test_a_model_file_holds_exactly_its_layers_arguments(model):
     assert set(cfg.model) - {"name", "cell"} == arguments
 
 
-def test_a_key_the_layer_does_not_take_is_a_config_error_naming_it():
+def test_a_key_the_layer_does_not_take_is_a_config_error_naming_it(make_cfg):
     from recurrent_bn.models import layer_kwargs
 
     cfg = make_cfg("model=rnn", "+model.forget_bias=5.0")
@@ -129,7 +122,7 @@ def test_a_key_the_layer_does_not_take_is_a_config_error_naming_it():
         layer_kwargs(cfg.model)
 
 
-def test_vbn_records_the_sharing_it_runs_with():
+def test_vbn_records_the_sharing_it_runs_with(make_cfg):
     assert make_cfg("model=vbn_lstm").model.share_statistics_over_time is True
     with pytest.raises(ConfigError, match="^model.share_statistics_over_time"):
         validate(make_cfg("model=vbn_lstm", "model.share_statistics_over_time=false"))

@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
 from recurrent_bn import trainer
 from recurrent_bn.config import CONF_DIR, check_added_keys
@@ -31,11 +30,6 @@ from recurrent_bn.trainer import Diverged, train
 REPO = CONF_DIR.parent
 SMALL = ["task=digits", "task.batch_size=16", "model=lstm", "model.hidden_size=8", "logger=csv",
          "trainer.threads=1"]
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -59,6 +53,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 # ------------------------------------------------------------------------------------- 1. one writer per directory
 
 
+@pytest.mark.slow
 def test_a_second_process_cannot_write_a_run_directory_in_use(tmp_path):
     run_dir = tmp_path / "run"
     first = subprocess.Popen([sys.executable, "-m", "recurrent_bn.train", *SMALL, "trainer.max_steps=100000",
@@ -87,6 +82,7 @@ def test_a_second_process_cannot_write_a_run_directory_in_use(tmp_path):
 # ------------------------------------------------- 2, 4, 5. resume keeps the record, composes, and tests once
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row(tmp_path):
     run_dir = tmp_path / "run"
     start = [*SMALL, "trainer.max_steps=10", "trainer.eval_every=5", "trainer.checkpoint_every=5", "seed=3"]
@@ -119,10 +115,11 @@ def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row
         assert key in one_error_line(cli(f"resume={run_dir}", change))
 
 
+@pytest.mark.slow
 def test_the_preset_of_a_resumed_run_is_read_from_its_start_record(tmp_path):
     from fixtures import make_mnist
 
-    from recurrent_bn.analysis import run_info
+    from recurrent_bn.runs import run_info
 
     make_mnist(tmp_path / "data", num_train=30, num_test=10)
     run_dir = tmp_path / "run"
@@ -138,6 +135,7 @@ def test_the_preset_of_a_resumed_run_is_read_from_its_start_record(tmp_path):
 # ------------------------------------------------------------------------------------------ 3, 11. wandb
 
 
+@pytest.mark.slow
 def test_wandb_online_without_a_key_in_a_terminal_never_prompts(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -197,7 +195,8 @@ def test_a_wandb_server_that_never_answers_costs_at_most_the_timeouts(tmp_path):
 # ------------------------------------------------------------------------------------------ 6. a full disk
 
 
-def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_temporary_file(tmp_path, monkeypatch,
+                                                                                           make_cfg):
     original, calls = torch.save, []
 
     def save_until_the_disk_is_full(content, path, *args, **kwargs):
@@ -228,7 +227,7 @@ def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_tempor
     ("model.hidden_size=100000000000000000000", "model.hidden_size"), ("model.hidden_size=1000000", "model.hidden"),
     ("task.batch_size=5000", "task.batch_size"),
 ])
-def test_values_that_used_to_give_a_traceback_give_one_line(tmp_path, override, key):
+def test_values_that_used_to_give_a_traceback_give_one_line(tmp_path, override, key, make_cfg):
     cfg = make_cfg(*SMALL, "trainer.max_steps=2", override)
     with pytest.raises(ConfigError) as error:
         train(cfg, tmp_path / "run")
@@ -240,7 +239,7 @@ def test_batch_larger_than_the_split_is_exit_2_on_the_command_line(tmp_path):
                                                         f"hydra.run.dir={tmp_path / 'run'}"))
 
 
-def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path):
+def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path, make_cfg):
     run_dir = tmp_path / "run"
     cfg = make_cfg(*SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.eval_every=4")
     train(cfg, run_dir)
@@ -265,7 +264,7 @@ def test_damaged_or_crafted_run_files_are_refused_in_one_line(tmp_path):
     assert "config.yaml cannot be read" in line and not (REPO / "pwned").exists()
 
 
-def test_unreadable_data_is_one_line_naming_the_file(tmp_path, monkeypatch):
+def test_unreadable_data_is_one_line_naming_the_file(tmp_path, monkeypatch, make_cfg):
     def unreadable(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/data/MNIST/raw/train-images-idx3-ubyte")
 
@@ -285,7 +284,7 @@ def test_resume_at_a_folder_that_is_not_a_run_touches_nothing(tmp_path):
     assert not missing.exists()
 
 
-def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch):
+def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkeypatch, make_cfg):
     original = trainer.Task.loss
 
     def nan_at_step_3(self, model, x, y):
@@ -302,7 +301,7 @@ def test_divergence_before_any_checkpoint_says_none_was_written(tmp_path, monkey
     assert not (run_dir / "last.pt").exists()
 
 
-def test_an_added_key_that_nothing_reads_is_refused_naming_the_close_one(tmp_path):
+def test_an_added_key_that_nothing_reads_is_refused_naming_the_close_one(tmp_path, make_cfg):
     cfg = make_cfg("+trainer.max_step=10")
     with pytest.raises(ConfigError, match=r"^\+trainer.max_step: no such key.*did you mean trainer.max_steps\?"):
         check_added_keys(cfg, ["+trainer.max_step=10"])

@@ -1,4 +1,4 @@
-"""The notebooks run top to bottom against a small results tree (real short runs, see test_figures.py), with their
+"""The notebooks run top to bottom against a small results tree (real short runs, see conftest.py), with their
 outputs kept out of git, and between them they call every figure function."""
 
 from __future__ import annotations
@@ -9,17 +9,11 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
-from test_figures import shared_results_tree
 
 from recurrent_bn import figures
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PATHS = sorted(NOTEBOOKS.glob("*.ipynb"))
-
-
-@pytest.fixture(scope="session")
-def results_tree(tmp_path_factory) -> Path:
-    return shared_results_tree(tmp_path_factory)
 
 
 def test_there_is_a_notebook_per_figure_group():
@@ -43,6 +37,7 @@ def test_the_notebooks_call_every_figure_function():
     assert called == defined
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs_top_to_bottom_on_stored_results(path, results_tree, monkeypatch):
     monkeypatch.setenv("RBN_RESULTS", str(results_tree))

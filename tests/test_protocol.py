@@ -10,22 +10,15 @@ import numpy as np
 import pytest
 import torch
 from fixtures import make_ptb
-from hydra import compose, initialize_config_dir
 from torch.nn import functional as F
 
 import recurrent_bn as rb
 from recurrent_bn import fused
-from recurrent_bn.config import CONF_DIR
 from recurrent_bn.data import load_ptb_chars, pixel_order
 from recurrent_bn.models import CharLanguageModel, build_model
 from recurrent_bn.norm import RecurrentBatchNorm, batch_norms
 from recurrent_bn.optim import BlocksRMSprop
 from recurrent_bn.tasks import Task
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def has_orthonormal_columns(weight: torch.Tensor) -> bool:
@@ -55,7 +48,7 @@ def test_identity_init_keeps_the_f_i_o_blocks_orthonormal_together():
     assert not has_orthonormal_columns(i)  # one (3H, H) matrix, not three orthogonal blocks
 
 
-def test_read_out_is_orthogonal_with_zero_bias_unless_asked_for_torchs_default():
+def test_read_out_is_orthogonal_with_zero_bias_unless_asked_for_torchs_default(make_cfg):
     head = build_model(make_cfg("task=digits", "model=bn_lstm", "model.hidden_size=32")).head
     gram = head.weight.double() @ head.weight.double().T  # (10, 32): orthonormal rows
     assert torch.allclose(gram, torch.eye(10, dtype=torch.float64), atol=1e-5) and not head.bias.any()
@@ -64,7 +57,7 @@ def test_read_out_is_orthogonal_with_zero_bias_unless_asked_for_torchs_default()
     assert not torch.allclose(torch_head.weight @ torch_head.weight.T, torch.eye(10), atol=0.1)
 
 
-def test_validation_with_batch_statistics_is_a_training_forward_that_updates_nothing():
+def test_validation_with_batch_statistics_is_a_training_forward_that_updates_nothing(make_cfg):
     cfg = make_cfg("task=digits", "model=bn_lstm", "model.hidden_size=16", "model.init_state_noise=0")
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -89,7 +82,7 @@ def test_validation_with_batch_statistics_is_a_training_forward_that_updates_not
     assert population["loss"] != pytest.approx(result["loss"], rel=1e-5)  # population statistics differ
 
 
-def test_whole_split_test_equals_carrying_the_state_step_by_step(tmp_path):
+def test_whole_split_test_equals_carrying_the_state_step_by_step(tmp_path, make_cfg):
     make_ptb(tmp_path)
     vocabulary = len(load_ptb_chars(tmp_path, verify=False)[1])
     cfg = make_cfg("task=ptb", "task.eval_streams=1", "task.seq_len=8", "task.batch_size=2",

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from fixtures import make_mnist, make_ptb, make_text8, ptb_char_text, text8_like
-from hydra import compose, initialize_config_dir
 
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.errors import ConfigError, DataNotFoundError
@@ -28,11 +27,6 @@ from recurrent_bn.trainer import Diverged, train
 REPO = CONF_DIR.parent
 TIMING_COLUMNS = ("elapsed_s", "seq_per_s")
 WORDS = "the cat sat on a mat and dog ran far N miles <unk> to see my old friend 's house".split()
-
-
-def make_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -77,7 +71,8 @@ TASK_OVERRIDES = {
 
 @pytest.mark.parametrize("task", list(TASK_OVERRIDES))
 @pytest.mark.parametrize("model", ["bn_lstm", "lstm"])
-def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(tmp_path, data_root, task, model):
+def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(tmp_path, data_root, task, model,
+                                                                                 make_cfg):
     cfg = make_cfg(*TASK_OVERRIDES[task], f"model={model}", *TINY, f"data.root={data_root}")
     summary = train(cfg, tmp_path / "run")
     run = tmp_path / "run"
@@ -103,7 +98,7 @@ def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(
         assert sorted(order) == list(range(784))
 
 
-def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_root):
+def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_root, make_cfg):
     cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY, "trainer.estimate_batches=3")
     summary = train(cfg, tmp_path / "run")
     assert summary["estimation_batches"] == 3
@@ -112,7 +107,7 @@ def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_r
     assert tracked.max() == 3  # a plain average over 3 batches, not the moving average of training
 
 
-def test_validating_with_re_estimated_statistics_scores_them_and_leaves_training_unchanged(tmp_path):
+def test_validating_with_re_estimated_statistics_scores_them_and_leaves_training_unchanged(tmp_path, make_cfg):
     runs = {}
     for mode in ("moving_average", "estimated"):
         cfg = make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY, "trainer.estimate_batches=2",
@@ -138,7 +133,7 @@ def test_validating_with_re_estimated_statistics_scores_them_and_leaves_training
     assert float(moving_valid["loss"]) != pytest.approx(expected["loss"], rel=1e-5)
 
 
-def test_same_seed_gives_identical_metrics_on_cpu(tmp_path):
+def test_same_seed_gives_identical_metrics_on_cpu(tmp_path, make_cfg):
     rows = []
     for name in ("a", "b"):
         train(make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY), tmp_path / name)
@@ -146,7 +141,8 @@ def test_same_seed_gives_identical_metrics_on_cpu(tmp_path):
     assert rows[0] == rows[1]
 
 
-def test_digits_bn_lstm_learns(tmp_path):
+@pytest.mark.slow
+def test_digits_bn_lstm_learns(tmp_path, make_cfg):
     """The real digits task: a short run must beat chance clearly (10 classes)."""
     cfg = make_cfg("task=digits", "model=bn_lstm", "model.hidden_size=32", "trainer.max_steps=150",
                    "trainer.eval_every=150", "logger=csv", "optim.lr=0.005")
@@ -154,14 +150,14 @@ def test_digits_bn_lstm_learns(tmp_path):
     assert summary["best_valid_metric"] > 0.3 and summary["test_metric"] > 0.3
 
 
-def test_missing_dataset_stops_before_training_with_one_line(tmp_path):
+def test_missing_dataset_stops_before_training_with_one_line(tmp_path, make_cfg):
     cfg = make_cfg("task=pmnist", f"data.root={tmp_path / 'empty'}", "logger=csv")
     with pytest.raises(DataNotFoundError) as error:
         train(cfg, tmp_path / "run")
     assert "\n" not in str(error.value) and "make data" in str(error.value)
 
 
-def test_bad_config_value_stops_before_loading_data(tmp_path):
+def test_bad_config_value_stops_before_loading_data(tmp_path, make_cfg):
     cfg = make_cfg("task=pmnist", "model.gamma_init=-1", f"data.root={tmp_path / 'empty'}")
     with pytest.raises(ConfigError, match="model.gamma_init"):
         train(cfg, tmp_path / "run")
@@ -169,7 +165,7 @@ def test_bad_config_value_stops_before_loading_data(tmp_path):
 
 @pytest.mark.parametrize("log_every,where", [(3, "between steps 4 and 6"), (1, "at step 5")])
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch,
-                                                                                      log_every, where):
+                                                                                      log_every, where, make_cfg):
     original = Task.loss
     calls = []
 
@@ -190,7 +186,7 @@ def test_non_finite_loss_stops_with_a_clear_message_and_keeps_the_last_good_chec
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
-def test_wandb_runs_offline_without_network_or_key(tmp_path, monkeypatch):
+def test_wandb_runs_offline_without_network_or_key(tmp_path, monkeypatch, make_cfg):
     for variable in ("WANDB_API_KEY", "WANDB_MODE"):
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no stored key
@@ -244,7 +240,9 @@ def start_and_stop(run_dir: Path, send: signal.Signals, after_step: int) -> None
         assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
 
-@pytest.mark.parametrize("send,after_step", [(signal.SIGTERM, 45), (signal.SIGKILL, 65)])
+# SIGTERM in the fast set, SIGKILL (the same resume, from an older checkpoint) in the slow one
+@pytest.mark.parametrize("send,after_step", [(signal.SIGTERM, 45),
+                                             pytest.param(signal.SIGKILL, 65, marks=pytest.mark.slow)])
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path, uninterrupted, send, after_step):
     run_dir = tmp_path / "run"
     start_and_stop(run_dir, send, after_step)
@@ -255,6 +253,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, uninterrupted, send, 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_multirun_reports_every_job_and_a_failing_one_does_not_lose_the_others(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("--multirun", "task=digits", "model=bn_lstm", "model.gamma_init=0.5,-1", "model.hidden_size=8",
@@ -269,6 +268,7 @@ def test_multirun_reports_every_job_and_a_failing_one_does_not_lose_the_others(t
     assert "model.gamma_init=-1" in result.stdout and "completed" in result.stdout
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line_and_exit_2(tmp_path):
     result = run_cli("task=pmnist", f"data.root={tmp_path}", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}")
     assert result.returncode == 2
@@ -277,6 +277,7 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path):
     assert result.returncode == 2 and "model.hidden_size" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_make_train_runs_as_the_readme_says(tmp_path):
     env = {**os.environ, "MAKEFLAGS": ""}
     result = subprocess.run(

@@ -1,33 +1,27 @@
 """The paper's analyses as functions: gradient flow at initialization (Figure 1a), the expected derivative of tanh
-(Figure 1b), bits per character against the evaluation length (Figure 3b), population statistics over time
-(Figure 5), and loaders of training runs into pandas frames (every curve and table).
+(Figure 1b), bits per character against the evaluation length (Figure 3b), population statistics over time and the
+step at which they settle (Figure 5).
 
-Everything here reads or computes numbers; `figures.py` draws them. Nothing reaches into the layers: the gradient
-flow runs the unchanged layer one timestep at a time through its public `forward(..., hx, start_step=t)`.
+Everything here computes numbers: `runs.py` reads the runs it analyses, `provenance.py` writes the results with what
+produced them, `figures.py` draws them. Nothing reaches into the layers: the gradient flow runs the unchanged layer
+one timestep at a time through its public `forward(..., hx, start_step=t)`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
 import logging
 import math
-import os
-import platform
-import socket
-import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 import torch
-import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -35,46 +29,12 @@ from recurrent_bn import data
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.models import build_model
 from recurrent_bn.norm import batch_norms
+from recurrent_bn.runs import checkpoint_file, load_trained_model
 
 log = logging.getLogger("recurrent_bn")
 
 LN2 = math.log(2.0)
 PAPER_GAMMAS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
-
-
-# --------------------------------------------------------------------------------------------- provenance
-
-
-def provenance(command: Sequence[str] | str | None = None, **extra) -> dict:
-    """What produced an analysis file: the command, the machine, versions, the commit and the time."""
-    from recurrent_bn.trainer import git_commit
-
-    if command is None:
-        command = ["python", *sys.argv]
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "command": command if isinstance(command, str) else " ".join(str(part) for part in command),
-        "machine": f"{socket.gethostname()}: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "git_commit": git_commit(),
-        "created": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **extra,
-    }
-
-
-def write_analysis(frame: pd.DataFrame, path: Path, meta: dict, float_format: str = "%.7g") -> Path:
-    """Write `frame` as CSV (7 significant digits) and `meta` (see `provenance`) as the sibling JSON."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False, float_format=float_format)
-    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------------------ Figure 1a: gradient flow
@@ -343,39 +303,6 @@ def expected_tanh_derivative(sigmas: Iterable[float], quantiles: Sequence[float]
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------ run directories: configs and models
-
-
-def load_run_config(run_dir: Path) -> DictConfig:
-    """A run's resolved config: `config.yaml`, else the copy inside `summary.json`."""
-    run_dir = Path(run_dir)
-    if (run_dir / "config.yaml").is_file():
-        return OmegaConf.load(run_dir / "config.yaml")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if not summary.get("config"):
-        raise FileNotFoundError(f"{run_dir} has neither config.yaml nor a config in summary.json")
-    return OmegaConf.create(summary["config"])
-
-
-def _checkpoint(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: the run has not finished its final test, or its checkpoints "
-                                "were not kept (*.pt files are not in git): rerun the experiment that made it")
-    return path
-
-
-def load_trained_model(run_dir: Path, checkpoint: str = "final.pt", device: str = "cpu") -> tuple[nn.Module,
-                                                                                                  DictConfig]:
-    """The model of a run with the weights of `checkpoint` (final.pt: best weights, population statistics
-    re-estimated over the training set), in evaluation mode, and the run's config."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    model = build_model(cfg)
-    path = _checkpoint(run_dir / checkpoint)
-    model.load_state_dict(torch.load(path, map_location=device, weights_only=True)["model"])
-    return model.to(device).eval(), cfg
-
-
 # -------------------------------------------------------------------------------- Figure 3b: bpc vs length
 
 
@@ -466,7 +393,7 @@ def population_statistics(source, units: int = 30, seed: int = 0, layer: int = 0
         state = source
     else:
         path = Path(source)
-        path = _checkpoint(path / "final.pt" if path.is_dir() else path)
+        path = checkpoint_file(path / "final.pt" if path.is_dir() else path)
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)
     generator = np.random.default_rng(seed)
@@ -516,145 +443,3 @@ def settling_step(stats: pd.DataFrame, tolerance: float = 0.1, noise_band: float
             rows.append({"term": term, "statistic": statistic, "median_settling_step": float(np.median(steps)),
                          "units": len(steps)})
     return pd.DataFrame(rows)
-
-
-# ------------------------------------------------------------------------------------------ loading runs
-
-
-RUN_FILES = ("summary.json", "metrics.csv")
-ATTRIBUTES = (
-    "experiment", "job", "run_dir", "task", "model", "cell", "norm", "gamma_init", "norm_terms",
-    "share_statistics_over_time", "norm_placement", "nonlinearity", "init_state_noise", "recurrent_init",
-    "hidden_size", "max_steps", "batch_size", "seq_len", "permutation", "optimizer", "lr", "seed", "preset", "status",
-    "metric", "steps_done", "device",
-)
-METRIC_COLUMNS = ("step", "split", "loss", "acc", "bpc", "grad_norm", "lr_now", "elapsed_s", "seq_per_s")
-
-
-@dataclass
-class RunInfo:
-    """What one run directory says about itself (from summary.json, config.yaml and .hydra/overrides.yaml)."""
-
-    run_dir: Path
-    attributes: dict = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
-
-
-def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory under `root` (or `root` itself) holding a run's summary.json or metrics.csv."""
-    root = Path(root)
-    if not root.exists():
-        return []
-    found = {p.parent for name in RUN_FILES for p in root.rglob(name) if "wandb" not in p.parts[len(root.parts):]}
-    return sorted(found, key=lambda p: [(len(part), part) for part in p.parts])
-
-
-def effective_norm_terms(model_cfg) -> str:
-    """Which terms a model normalizes, resolving the config's null to the variant's own choice: e.g.
-    "input+recurrent+cell" for bn_lstm, "input" for vbn_lstm, "sum" for bn_rnn, "none" without normalization."""
-    norm = model_cfg.get("norm", "none")
-    if norm == "none":
-        return "none"
-    terms = model_cfg.get("norm_terms")
-    if model_cfg.get("cell") == "rnn":
-        if model_cfg.get("norm_placement", "sum") == "sum":
-            return "sum"
-        return "+".join(terms) if terms else "input+recurrent"
-    if norm == "vbn" and not terms:
-        return "input"
-    return "+".join(terms) if terms else "input+recurrent+cell"
-
-
-def _preset(run_dir: Path) -> str | None:
-    overrides = run_dir / ".hydra" / "overrides.yaml"
-    if not overrides.is_file():
-        return None
-    for override in yaml.safe_load(overrides.read_text()) or []:
-        if override.startswith("experiment="):
-            return override.split("=", 1)[1]
-    return None
-
-
-def run_info(run_dir: Path) -> RunInfo:
-    """The attributes of a run that the figures group and label by, taken from the run's own files."""
-    run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    try:
-        cfg = OmegaConf.to_container(load_run_config(run_dir), resolve=False)
-    except (FileNotFoundError, json.JSONDecodeError):
-        cfg = {}
-    model = cfg.get("model", {}) or {}
-    task = cfg.get("task", {}) or {}
-    trainer = cfg.get("trainer", {}) or {}
-    optim = cfg.get("optim", {}) or {}
-    normalized = model.get("norm", "none") != "none"
-    attributes = {
-        "experiment": run_dir.parent.name, "job": run_dir.name, "run_dir": str(run_dir),
-        "task": task.get("name", summary.get("task")), "model": model.get("name", summary.get("model")),
-        "cell": model.get("cell"), "norm": model.get("norm"),
-        "gamma_init": float(model["gamma_init"]) if normalized and model.get("gamma_init") is not None else np.nan,
-        "norm_terms": effective_norm_terms(model) if model else None,
-        "share_statistics_over_time": bool(model.get("share_statistics_over_time", False)),
-        "norm_placement": model.get("norm_placement") if model.get("cell") == "rnn" else None,
-        "nonlinearity": model.get("nonlinearity") if model.get("cell") == "rnn" else None,
-        "init_state_noise": model.get("init_state_noise"), "recurrent_init": model.get("recurrent_init"),
-        "hidden_size": model.get("hidden_size"), "max_steps": trainer.get("max_steps"),
-        "batch_size": task.get("batch_size"), "seq_len": task.get("seq_len"), "permutation": task.get("permutation"),
-        "optimizer": optim.get("name"), "lr": optim.get("lr"), "seed": cfg.get("seed"), "preset": _preset(run_dir),
-        "status": summary.get("status", "unknown (no summary.json)"), "metric": summary.get("metric"),
-        "steps_done": summary.get("steps"), "device": summary.get("device"),
-    }
-    return RunInfo(run_dir, attributes, summary)
-
-
-def load_runs(root: Path) -> pd.DataFrame:
-    """Every metrics row of every run under `root`, with the run's attributes on each row.
-
-    `root` may be the runs folder (results/runs), one sweep directory or one run directory. Attributes come from
-    each run's own config and summary, never from directory names, except `experiment` (the name of the directory
-    holding the run, i.e. the sweep) and `job`. Columns: the attributes of `run_info` and metrics.csv's step,
-    split, loss, acc, bpc, grad_norm, lr_now (the logged learning rate), elapsed_s, seq_per_s. A run without
-    metrics rows (it failed before logging) appears once, with no split. Empty (with those columns) when there are
-    no runs.
-    """
-    frames = []
-    for run_dir in find_run_dirs(root):
-        info = run_info(run_dir)
-        metrics_path = run_dir / "metrics.csv"
-        metrics = pd.read_csv(metrics_path) if metrics_path.is_file() else pd.DataFrame()
-        metrics = metrics.rename(columns={"lr": "lr_now"})
-        if metrics.empty:
-            # A run that failed before logging still gets one row (no split, no metrics), so that the figures can
-            # say it exists and how it ended.
-            metrics = pd.DataFrame({"step": [np.nan], "split": [None]})
-        for key, value in info.attributes.items():
-            metrics[key] = value
-        frames.append(metrics)
-    columns = [*ATTRIBUTES, *METRIC_COLUMNS]
-    if not frames:
-        return pd.DataFrame(columns=columns)
-    frame = pd.concat(frames, ignore_index=True)
-    return frame[[c for c in columns if c in frame.columns] + [c for c in frame.columns if c not in columns]]
-
-
-def load_summaries(root: Path) -> pd.DataFrame:
-    """One row per run under `root`: the attributes of `run_info` and the summary's results (best_valid_metric,
-    best_step, test_metric, test_loss, test_stream_bpc, test_len100_bpc, test_len1000_bpc, test_protocol,
-    wall_time_s, error)."""
-    rows = []
-    for run_dir in find_run_dirs(root):
-        info = run_info(run_dir)
-        row = dict(info.attributes)
-        for key in ("best_valid_metric", "best_step", "test_metric", "test_loss", "test_stream_bpc",
-                    "test_len100_bpc", "test_len1000_bpc", "test_protocol", "wall_time_s", "error"):
-            row[key] = info.summary.get(key)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def select(frame: pd.DataFrame, experiment_prefix: str) -> pd.DataFrame:
-    """Rows whose experiment (sweep directory name) starts with `experiment_prefix`, e.g. "fig2"."""
-    if frame.empty or "experiment" not in frame:
-        return frame
-    return frame[frame["experiment"].astype(str).str.startswith(experiment_prefix)]

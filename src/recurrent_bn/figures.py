@@ -1,4 +1,5 @@
-"""The paper's figures and tables, one function per figure, drawn from the frames of `recurrent_bn.analysis`.
+"""The paper's figures and tables, one function per figure, drawn from the frames of `recurrent_bn.runs` (training
+runs) and `recurrent_bn.analysis` (the computed analyses, as stored in results/analysis).
 
 Every function takes data frames (and the paper's reference values) and returns a `matplotlib.figure.Figure`
 (or, for tables, a DataFrame). They draw whatever exists: a missing model, task or analysis is named in the figure
@@ -6,18 +7,14 @@ and in a log line, never filled in. Each figure says the scale its runs were mad
 Figures are built without pyplot, so they render with Agg anywhere (scripts, tests, servers) and nothing is left
 open; in a notebook a returned Figure displays itself.
 
-`Results` loads a results folder (`results/` or `$RBN_RESULTS`): runs, summaries, analyses and the reference.
+`runs.Results` loads a results folder (`results/` or `$RBN_RESULTS`): runs, summaries, analyses and the reference.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 from collections.abc import Iterable, Sequence
-from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -25,12 +22,11 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from recurrent_bn import analysis
-from recurrent_bn.config import CONF_DIR
+from recurrent_bn.analysis import settling_step
+from recurrent_bn.runs import Results, reference_rows, runs_at
 
 log = logging.getLogger("recurrent_bn")
 
-RESULTS_ENV = "RBN_RESULTS"
 MODEL_LABELS = {
     "lstm": "LSTM", "bn_lstm": "BN-LSTM", "vbn_lstm": "VBN-LSTM (W_x x only)", "ln_lstm": "LN-LSTM",
     "rnn": "tanh RNN", "bn_rnn": "tanh(BN(·)) RNN", "bn_linear_rnn": "BN, no tanh, no bias",
@@ -66,9 +62,14 @@ def _metric_of(task: str) -> str:
     return "bpc" if task in LANGUAGE_TASKS else "acc"
 
 
-def _ordered_tasks(present: Iterable[str], preferred: Sequence[str]) -> list[str]:
-    present = [t for t in dict.fromkeys(present) if isinstance(t, str)]
+def _tasks_of(runs: pd.DataFrame, preferred: Sequence[str]) -> list[str]:
+    """The tasks the runs hold, those of `preferred` first in its order, the others after them sorted."""
+    present = [t for t in dict.fromkeys(runs["task"] if not runs.empty else []) if isinstance(t, str)]
     return [t for t in preferred if t in present] + sorted(t for t in present if t not in preferred)
+
+
+def _rows_of(runs: pd.DataFrame, task: str, models: Sequence[str]) -> pd.DataFrame:
+    return runs[(runs["task"] == task) & runs["model"].isin(models)] if not runs.empty else runs
 
 
 def _gamma_colors(gammas: Sequence[float]) -> dict[float, tuple]:
@@ -190,6 +191,45 @@ def _curves(ax: Axes, runs: pd.DataFrame, split: str, metric: str, label_of, col
     return drawn
 
 
+def _dress(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best") -> None:
+    """Labels, grid and title of one curve panel; a legend when something was drawn ("below": under the axes,
+    for panels whose curves and reference lines leave no free corner)."""
+    if ax.get_legend_handles_labels()[0]:
+        if legend_loc == "below":
+            ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+        else:
+            ax.legend(fontsize=7.5, loc=legend_loc)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+
+
+def _validation_panel(ax: Axes, rows: pd.DataFrame, metric: str, title: str, empty: str, *, keep_ticks: bool = False,
+                      expected: Sequence[str] = (), what: str = "models", label_of=None, xlabel: str = "training step",
+                      legend_loc: str = "best") -> str:
+    """Our validation `metric` against the step, one line per run coloured by its model (labelled by `label_of`,
+    default the model's name), or `empty` said in the panel when there are no rows; then labels, grid, legend.
+
+    The paper's values, drawn first by the caller, share the legend; `keep_ticks` keeps the axes when only they are
+    drawn. Returns the note naming the `expected` models that drew nothing ("" when none are expected or missing).
+    """
+    note = ""
+    if rows.empty:
+        _empty(ax, empty, keep_ticks=keep_ticks)
+    else:
+        _curves(ax, rows, "valid", metric, label_of or (lambda r: _label(r["model"])), lambda r: _color(r["model"]))
+        note = _missing(expected, _drawn_models(rows, "valid", metric), what, rows)
+    _dress(ax, xlabel, f"validation {METRIC_LABELS[metric]}", title, legend_loc)
+    return note
+
+
+def _reached(rows: pd.DataFrame) -> str:
+    """"job to step N" for each run (job) of `rows`: how far the runs have got."""
+    last = rows.groupby("job")["step"].max() if not rows.empty else {}
+    return ", ".join(f"{job} to step {int(step)}" for job, step in dict(last).items())
+
+
 def _reference_lines(ax: Axes, reference: pd.DataFrame, color_of_model, text_prefix: str = "paper") -> None:
     """Horizontal dotted lines at the paper's values, named in the legend (ours may run far fewer steps)."""
     for _, row in reference.iterrows():
@@ -198,17 +238,6 @@ def _reference_lines(ax: Axes, reference: pd.DataFrame, color_of_model, text_pre
         qualifier = f" ({row['condition']})" if isinstance(row.get("condition"), str) else ""
         ax.axhline(row["value"], color=color or "0.4", ls=":", lw=1.1,
                    label=f"{text_prefix} {row['name']}{where}{qualifier}: {row['value']:g}")
-
-
-def _reference(reference: pd.DataFrame | None, **where) -> pd.DataFrame:
-    if reference is None or reference.empty:
-        return pd.DataFrame(columns=["source", "task", "model", "name", "metric", "value", "step", "length",
-                                     "condition", "note"])
-    mask = np.ones(len(reference), dtype=bool)
-    for key, value in where.items():
-        values = value if isinstance(value, list | tuple | set) else [value]
-        mask &= reference[key].isin(values).to_numpy()
-    return reference[mask]
 
 
 # ------------------------------------------------------------------------------------- Figure 1a, 1b
@@ -348,69 +377,49 @@ def figure_1b(tanh: pd.DataFrame) -> Figure:
 # ------------------------------------------------------------------------------------- Figure 2, 3a, 3b
 
 
+def _validation_figure(runs: pd.DataFrame, tasks: Sequence[str], models: Sequence[str], width: float, paper_of,
+                       text_prefix: str, title: str, footnote: str, **panel) -> Figure:
+    """One validation panel per task (see `_validation_panel`), over the paper's values for it (`paper_of(task)`)
+    as dotted lines; the scale, the missing models and `footnote` under the axes."""
+    fig = Figure(figsize=(width * len(tasks), 4.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
+    notes = []
+    for ax, task in zip(axes, tasks, strict=True):
+        paper = paper_of(task)
+        _reference_lines(ax, paper, _color, text_prefix=text_prefix)
+        notes.append(_validation_panel(ax, _rows_of(runs, task, models), _metric_of(task), _task_label(task),
+                                       f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty,
+                                       expected=models, what=f"{task} models", **panel))
+    fig.suptitle(title)
+    _footer(fig, [scale_label(runs), *notes, footnote])
+    return fig
+
+
 def figure_2(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
              models: Sequence[str] = ("lstm", "bn_lstm", "vbn_lstm", "ln_lstm")) -> Figure:
     """Figure 2: validation accuracy against training iteration, one panel per pixel task (sMNIST, pMNIST, and
     any other classification task the runs hold), one line per run; the paper's read-offs as dotted lines."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = _ordered_tasks(runs["task"] if not runs.empty else [], ("smnist", "pmnist"))
+    tasks = _tasks_of(runs, ("smnist", "pmnist"))
     tasks = [t for t in tasks if t in CLASSIFICATION_TASKS or _metric_of(t) == "acc"] or ["smnist", "pmnist"]
-    fig = Figure(figsize=(6.2 * len(tasks), 4.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    notes = []
-    for ax, task in zip(axes, tasks, strict=True):
-        rows = runs[(runs["task"] == task) & runs["model"].isin(models)] if not runs.empty else runs
-        paper = _reference(reference, source="figure2", task=task, metric="valid_acc")
-        _reference_lines(ax, paper, _color)
-        if rows.empty:
-            _empty(ax, f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty)
-        else:
-            _curves(ax, rows, "valid", "acc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
-            notes.append(_missing(models, _drawn_models(rows, "valid", "acc"), f"{task} models", rows))
-        _dress(ax, "training iteration", "validation accuracy", _task_label(task), legend_loc="below")
-    fig.suptitle("Figure 2: validation accuracy during training")
-    _footer(fig, [scale_label(runs), *notes, "dotted: the paper's curves read off its Figure 2 (after 100k "
-                                              "iterations of the paper's scale)"])
-    return fig
-
-
-def _dress(ax, xlabel: str, ylabel: str, title: str, legend_loc: str = "best") -> None:
-    """Labels, grid and title of one curve panel; a legend when something was drawn ("below": under the axes,
-    for panels whose curves and reference lines leave no free corner)."""
-    if ax.get_legend_handles_labels()[0]:
-        if legend_loc == "below":
-            ax.legend(fontsize=7.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
-        else:
-            ax.legend(fontsize=7.5, loc=legend_loc)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=10)
+    return _validation_figure(
+        runs, tasks, models, 6.2, lambda task: reference_rows(reference, source="figure2", task=task,
+                                                              metric="valid_acc"),
+        "paper", "Figure 2: validation accuracy during training",
+        "dotted: the paper's curves read off its Figure 2 (after 100k iterations of the paper's scale)",
+        xlabel="training iteration", legend_loc="below")
 
 
 def figure_3a(runs: pd.DataFrame, reference: pd.DataFrame | None = None,
               models: Sequence[str] = ("lstm", "bn_lstm")) -> Figure:
     """Figure 3a: validation bits per character against the training step (PTB; text8 too if present)."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = [t for t in _ordered_tasks(runs["task"] if not runs.empty else [], LANGUAGE_TASKS)
-             if t in LANGUAGE_TASKS] or ["ptb"]
-    fig = Figure(figsize=(6.5 * len(tasks), 4.6), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(1, len(tasks)))
-    notes = []
-    for ax, task in zip(axes, tasks, strict=True):
-        rows = runs[(runs["task"] == task) & runs["model"].isin(models)] if not runs.empty else runs
-        paper = _reference(reference, source="table2" if task == "ptb" else "table3", task=task, model=list(models))
-        _reference_lines(ax, paper, _color, text_prefix="paper test")
-        if rows.empty:
-            _empty(ax, f"no {task} runs for {', '.join(models)}", keep_ticks=not paper.empty)
-        else:
-            _curves(ax, rows, "valid", "bpc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
-            notes.append(_missing(models, _drawn_models(rows, "valid", "bpc"), f"{task} models", rows))
-        _dress(ax, "training step", "validation bits per character", _task_label(task))
-    fig.suptitle("Figure 3a: validation bits per character during training")
-    _footer(fig, [scale_label(runs), *notes, "dotted: the paper's test bpc (Tables 2 and 3), after its full "
-                                              "training"])
-    return fig
+    tasks = [t for t in _tasks_of(runs, LANGUAGE_TASKS) if t in LANGUAGE_TASKS] or ["ptb"]
+    return _validation_figure(
+        runs, tasks, models, 6.5, lambda task: reference_rows(reference, source="table2" if task == "ptb" else "table3",
+                                                              task=task, model=list(models)),
+        "paper test", "Figure 3a: validation bits per character during training",
+        "dotted: the paper's test bpc (Tables 2 and 3), after its full training")
 
 
 BPC_MODES = {"none": "", "population": "population statistics", "batch": "batch statistics"}
@@ -444,7 +453,7 @@ def figure_3b(bpc_length: pd.DataFrame, reference: pd.DataFrame | None = None,
         present = set(zip(bpc_length["model"], bpc_length["mode"], strict=True))
         notes = [_missing([f"{m} ({k})" for m, k in expected if (m, k) not in present], [], "curves")]
     ours.set_title("ours", fontsize=10)
-    reference = _reference(reference, source="figure3b")
+    reference = reference_rows(reference, source="figure3b")
     if reference.empty:
         _empty(paper, "no paper reference values")
     else:
@@ -478,7 +487,7 @@ def figure_5(stats: pd.DataFrame, max_t: int | None = None, meta: dict | None = 
     terms = [t for t in ("recurrent", "cell", "input") if t in set(stats["term"])]
     fig = Figure(figsize=(4.6 * len(terms), 6.5), layout="constrained")
     axes = fig.subplots(2, len(terms), squeeze=False)
-    settling = analysis.settling_step(stats)
+    settling = settling_step(stats)
     for column, term in enumerate(terms):
         rows = stats[stats["term"] == term]
         if max_t is not None:
@@ -514,7 +523,7 @@ def figure_6(runs: pd.DataFrame) -> Figure:
     """Figure 6: training and validation curves for γ_init ∈ {0.1, 0.3, 0.5, 0.7, 1.0}, one row per task (pMNIST,
     PTB, and any other task the runs hold). PTB in bits per character."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = _ordered_tasks(runs["task"] if not runs.empty else [], ("pmnist", "ptb")) or ["pmnist", "ptb"]
+    tasks = _tasks_of(runs, ("pmnist", "ptb")) or ["pmnist", "ptb"]
     fig = Figure(figsize=(12, 3.9 * len(tasks) + 0.8), layout="constrained")
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     notes = []
@@ -556,7 +565,7 @@ def figure_7(runs: pd.DataFrame) -> Figure:
     degrades performance"), and the ablation of each batch-normalized term (input, recurrent, cell). Validation
     metric against the step, one row per task."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = _ordered_tasks(runs["task"] if not runs.empty else [], ("pmnist", "smnist", "ptb")) or ["pmnist"]
+    tasks = _tasks_of(runs, ("pmnist", "smnist", "ptb")) or ["pmnist"]
     fig = Figure(figsize=(12.5, 4.2 * len(tasks) + 0.8), layout="constrained")
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     full = "input+recurrent+cell"
@@ -616,23 +625,15 @@ def figure_8(runs: pd.DataFrame, flow: pd.DataFrame | None = None, meta: dict | 
     initialization on sequential MNIST (Figure 1a's analysis, each at its default γ), whole range and after the
     steps at which some image is still all zeros (from `meta`, the analysis JSON)."""
     runs = runs if runs is not None else pd.DataFrame()
-    tasks = _ordered_tasks(runs["task"] if not runs.empty else [], ("pmnist", "smnist")) or ["pmnist"]
+    tasks = _tasks_of(runs, ("pmnist", "smnist")) or ["pmnist"]
     fig = Figure(figsize=(5.5 * (len(tasks) + 2), 4.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(tasks) + 2))
     notes = []
     for ax, task in zip(axes[:-2], tasks, strict=True):
-        rows = runs[(runs["task"] == task) & runs["model"].isin(TANH_MODELS)] if not runs.empty else runs
-        metric = _metric_of(task)
-        if rows.empty:
-            _empty(ax, f"no {task} runs of {', '.join(TANH_MODELS)}")
-        else:
-            if _curves(ax, rows, "valid", metric, lambda r: _label(r["model"]), lambda r: _color(r["model"])):
-                ax.legend(fontsize=8)
-            notes.append(_missing(TANH_MODELS, _drawn_models(rows, "valid", metric), f"{task} models", rows))
-            ax.set_xlabel("training step")
-            ax.set_ylabel(f"validation {METRIC_LABELS[metric]}")
-            ax.grid(alpha=0.3)
-        ax.set_title(f"{_task_label(task)}: validation", fontsize=10)
+        notes.append(_validation_panel(ax, _rows_of(runs, task, TANH_MODELS), _metric_of(task),
+                                       f"{_task_label(task)}: validation",
+                                       f"no {task} runs of {', '.join(TANH_MODELS)}", expected=TANH_MODELS,
+                                       what=f"{task} models"))
     selected = []
     if flow is not None and not flow.empty:
         for model, gamma in TANH_FLOW_DEFAULTS.items():
@@ -675,7 +676,7 @@ def figure_8(runs: pd.DataFrame, flow: pd.DataFrame | None = None, meta: dict | 
 # ------------------------------------------------------------------------ the paper-scale campaign
 
 
-PAPER_CURVE_PANELS = (("smnist", "acc"), ("pmnist", "acc"), ("ptb", "bpc"))
+PAPER_FIGURES = {"smnist": "figure2", "pmnist": "figure2", "ptb": "figure3a"}  # the figure read off, by task
 CURVE_MODELS = ("lstm", "bn_lstm")
 
 
@@ -702,20 +703,16 @@ def figure_paper_curves(runs: pd.DataFrame, reference: pd.DataFrame | None = Non
     paper's values read off its figures as crosses."""
     runs = _campaign_runs(runs, tanh=False)
     fig = Figure(figsize=(18, 5.0), layout="constrained")
-    axes = fig.subplots(1, len(PAPER_CURVE_PANELS))
+    axes = fig.subplots(1, len(PAPER_FIGURES))
     notes = []
-    for ax, (task, metric) in zip(axes, PAPER_CURVE_PANELS, strict=True):
+    for ax, task in zip(axes, PAPER_FIGURES, strict=True):
         rows = runs[runs["task"] == task]
-        source = "figure3a" if task == "ptb" else "figure2"
-        _paper_points(ax, _reference(reference, source=source, task=task, model=list(CURVE_MODELS)))
-        if rows.empty:
-            _empty(ax, f"no paper-scale {task} runs yet", keep_ticks=True)
-        else:
-            _curves(ax, rows, "valid", metric, lambda r: f"ours {_label(r['model'])} ({r['job']})",
-                    lambda r: _color(r["model"]))
-            last = rows.groupby("job")["step"].max()
-            notes.append(f"{task}: " + ", ".join(f"{job} to step {int(step)}" for job, step in last.items()))
-        _dress(ax, "training step", f"validation {METRIC_LABELS[metric]}", _task_label(task), legend_loc="below")
+        _paper_points(ax, reference_rows(reference, source=PAPER_FIGURES[task], task=task, model=list(CURVE_MODELS)))
+        _validation_panel(ax, rows, _metric_of(task), _task_label(task), f"no paper-scale {task} runs yet",
+                          keep_ticks=True, label_of=lambda r: f"ours {_label(r['model'])} ({r['job']})",
+                          legend_loc="below")
+        if not rows.empty:
+            notes.append(f"{task}: {_reached(rows)}")
     fig.suptitle("The paper's setup (experiments/paper_curves.py): ours against the paper's Figures 2 and 3a")
     _footer(fig, [*notes, "crosses: the paper's values read off its figures (results/paper_reference.csv)"])
     return fig
@@ -730,13 +727,12 @@ def paper_points_table(runs: pd.DataFrame, reference: pd.DataFrame | None) -> pd
     runs = _campaign_runs(runs, tanh=False)
     rows = []
     for task, steps in PAPER_POINT_STEPS.items():
-        metric = "bpc" if task == "ptb" else "acc"
-        source = "figure3a" if task == "ptb" else "figure2"
+        metric = _metric_of(task)
         for model in CURVE_MODELS:
             valid = runs[(runs["task"] == task) & (runs["model"] == model) & (runs["split"] == "valid")]
             for step in steps:
                 ours = valid[valid["step"] == step][metric]
-                paper = _reference(reference, source=source, task=task, model=model)
+                paper = reference_rows(reference, source=PAPER_FIGURES[task], task=task, model=model)
                 paper = paper[paper["step"].astype(float) == step] if not paper.empty else paper
                 value = float(ours.mean()) if len(ours) else np.nan
                 theirs = float(paper["value"].iloc[0]) if len(paper) else np.nan
@@ -757,15 +753,10 @@ def figure_tanh_paper(runs: pd.DataFrame, ceiling: dict | None = None) -> Figure
         line = ceiling["any_true_permutation"]
         ax.axhline(line["test_acc"], color="k", ls="--", lw=1.1,
                    label=f"linear classifier of the pixels (test): {line['test_acc']:.4f}")
-    if runs.empty:
-        _empty(ax, "no paper-scale tanh-question runs yet", keep_ticks=True)
-    else:
-        _curves(ax, runs, "valid", "acc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
-    _dress(ax, "training step", "validation accuracy", "pMNIST (true permutation), the paper's MNIST setup",
-           legend_loc="below")
+    _validation_panel(ax, runs, "acc", "pMNIST (true permutation), the paper's MNIST setup",
+                      "no paper-scale tanh-question runs yet", keep_ticks=True, legend_loc="below")
     fig.suptitle("Can batch norm replace tanh? Trained at the paper's setup, against the linear ceiling")
-    last = runs.groupby("job")["step"].max() if not runs.empty else {}
-    _footer(fig, [", ".join(f"{job} to step {int(step)}" for job, step in dict(last).items()) or "no runs"])
+    _footer(fig, [_reached(runs) or "no runs"])
     return fig
 
 
@@ -781,12 +772,12 @@ def paper_table(summaries: pd.DataFrame, reference: pd.DataFrame | None, table: 
 
     Table 1 reports test accuracy in % on sMNIST and pMNIST; Tables 2 and 3 test bits per character (ours: reading
     the whole test split as one sequence, the authors' protocol, and on segments with the state reset). Our rows
-    come from `summaries` (`analysis.load_summaries`): the mean over the completed runs of each model, their
+    come from `summaries` (`runs.load_summaries`): the mean over the completed runs of each model, their
     number, a note of the runs that did not complete (e.g. "1 diverged"), and the scale.
     """
     tasks = PAPER_TABLE_COLUMNS[table]
     rows = []
-    paper = _reference(reference, source=table)
+    paper = reference_rows(reference, source=table)
     for name, group in paper.groupby("name", sort=False):
         row = {"source": "paper", "model": name}
         for task in tasks:
@@ -855,79 +846,6 @@ TABLE_TITLES = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- results
-
-
-def results_root(path=None) -> Path:
-    """The results folder: `path`, else $RBN_RESULTS, else the repository's results/."""
-    if path is not None:
-        return Path(path)
-    if os.environ.get(RESULTS_ENV):
-        return Path(os.environ[RESULTS_ENV])
-    return CONF_DIR.parent / "results"
-
-
-class Results:
-    """A results folder (see the README's layout): runs/, analysis/, paper_reference.csv, figures/."""
-
-    def __init__(self, root=None) -> None:
-        self.root = results_root(root)
-
-    @cached_property
-    def runs(self) -> pd.DataFrame:
-        return analysis.load_runs(self.root / "runs")
-
-    @cached_property
-    def summaries(self) -> pd.DataFrame:
-        return analysis.load_summaries(self.root / "runs")
-
-    @cached_property
-    def reference(self) -> pd.DataFrame:
-        path = self.root / "paper_reference.csv"
-        if not path.is_file():
-            log.warning("no %s: figures are drawn without the paper's values", path)
-            return _reference(None)
-        return pd.read_csv(path)
-
-    def runs_of(self, prefix: str) -> pd.DataFrame:
-        """Metrics rows of the runs whose sweep directory name starts with `prefix` (e.g. "fig2")."""
-        return analysis.select(self.runs, prefix)
-
-    def summaries_of(self, prefix: str) -> pd.DataFrame:
-        return analysis.select(self.summaries, prefix)
-
-    def analysis(self, name: str) -> pd.DataFrame:
-        """results/analysis/<name>.csv, or an empty frame (with a log line) when it has not been computed."""
-        path = self.root / "analysis" / f"{name}.csv"
-        if not path.is_file():
-            log.warning("no %s", path)
-            return pd.DataFrame()
-        return pd.read_csv(path)
-
-    def analysis_meta(self, name: str) -> dict:
-        path = self.root / "analysis" / f"{name}.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _runs_at(summaries: pd.DataFrame, source) -> pd.DataFrame:
-    """The summaries of the runs an analysis was computed from (its frame's run_dir column, or its JSON's)."""
-    if isinstance(source, pd.DataFrame):
-        run_dirs = set(source["run_dir"].astype(str)) if "run_dir" in source else set()
-    else:
-        run_dirs = {str(source["run_dir"])} if source and source.get("run_dir") else set()
-    if summaries.empty or not run_dirs:
-        return pd.DataFrame()
-    # An analysis records its run relative to where it ran (results/runs/...), the summaries hold absolute paths:
-    # the same run when one path ends with the other.
-    wanted = [Path(p).parts for p in run_dirs]
-
-    def recorded(run_dir: str) -> bool:
-        parts = Path(run_dir).parts
-        return any(parts[-len(w):] == w or w[-len(parts):] == parts for w in wanted)
-
-    return summaries[[recorded(p) for p in summaries["run_dir"]]]
-
-
 def all_figures(results: Results) -> dict[str, Figure]:
     """Every figure of the paper (and ours) from a results folder, by file name (without .png)."""
     lengths = results.analysis("fig3b_bpc_vs_length")
@@ -938,9 +856,9 @@ def all_figures(results: Results) -> dict[str, Figure]:
         "fig1b_tanh_derivative": figure_1b(results.analysis("fig1b_tanh_derivative")),
         "fig2_mnist_accuracy": figure_2(results.runs_of("fig2"), results.reference),
         "fig3a_valid_bpc": figure_3a(results.runs_of("fig3"), results.reference),
-        "fig3b_bpc_vs_length": figure_3b(lengths, results.reference, _runs_at(results.summaries, lengths)),
+        "fig3b_bpc_vs_length": figure_3b(lengths, results.reference, runs_at(results.summaries, lengths)),
         "fig5_population_statistics": figure_5(results.analysis("fig5_population_statistics"), meta=population,
-                                               runs=_runs_at(results.summaries, population)),
+                                               runs=runs_at(results.summaries, population)),
         "fig6_gamma_sensitivity": figure_6(results.runs_of("fig6")),
         "fig7_statistics_and_terms": figure_7(results.runs_of("fig7")),
         "fig8_tanh_question": figure_8(results.runs_of("fig8"), results.analysis("fig1a_gradient_flow"),
