@@ -5,13 +5,15 @@ One command that can be run again and again, in every working session, until eve
 
     python experiments/paper_curves.py              # start missing runs, resume unfinished ones, skip finished ones
     python experiments/paper_curves.py --status     # how far each run got
-    python experiments/paper_curves.py --collect    # copy each run's record into results/runs/paper_curves/
+    python experiments/paper_curves.py --collect    # copy the records into results/runs/{paper_curves,tanh_question}/
 
-Run directories live outside the repository, in $RBN_CAMPAIGN_DIR (default ~/rbn_campaign), because the work tree
-may be laid anew between sessions while the machine's other files stay. Each run checkpoints every 250 steps, so a
-stopped session loses at most that much. Runs use one torch thread each; `--jobs 2` runs two side by side (on two
-cores that is the throughput-best arrangement: the fused kernels' thread team loses more to a busy neighbour than a
-second thread gains). Everything runs under `nice` so that interactive work keeps the machine.
+Run directories live outside the repository, in $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository, like
+../shared), because the work tree may be laid anew between sessions; `--collect` copies each run's record (not its
+checkpoints) into the repository, so that the curves so far survive even if the run directories do not. Each run
+checkpoints every 250 steps, so a stopped session loses at most that much. Runs use one torch thread each; `--jobs
+2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels' thread team loses
+more to a busy neighbour than a second thread gains). Everything runs under `nice` so that interactive work keeps
+the machine.
 """
 
 from __future__ import annotations
@@ -28,33 +30,38 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "runs" / "paper_curves"
+TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
 RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json")
 # Only the step counts and the validation cadence differ from the paper_* presets.
 COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
 MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
 RUNS: dict[str, list[str]] = {
+    # The tanh question on pMNIST with a true permutation (a linear classifier's ceiling is then order-free); first,
+    # because its four one-layer RNNs are the cheapest runs and together answer one question.
+    **{
+        f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
+                                    "trainer.max_steps=20000", *MNIST]
+        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn")
+    },
     # Figure 2, sequential MNIST: the paper's BN-LSTM is above 0.95 by about 10k steps.
     "smnist_lstm_s1": ["experiment=paper_smnist", "model=lstm", "trainer.max_steps=10000", *MNIST],
     "smnist_bn_lstm_s1": ["experiment=paper_smnist", "model=bn_lstm", "trainer.max_steps=10000", *MNIST],
     # Figure 2, permuted MNIST with the authors' order (their Table 1 task): read at 10k and 20k steps.
     "pmnist_lstm_authors_s1": ["experiment=paper_pmnist", "model=lstm", "trainer.max_steps=20000", *MNIST],
     "pmnist_bn_lstm_authors_s1": ["experiment=paper_pmnist", "model=bn_lstm", "trainer.max_steps=20000", *MNIST],
+    # The tanh question's way out: two BN-linear recurrences with tanh between them.
+    "tanh_pmnist_bn_linear_rnn2_s1": ["experiment=paper_pmnist", "model=bn_linear_rnn2", "task.permutation=random",
+                                      "trainer.max_steps=20000", *MNIST],
     # Figure 3a, PTB at hidden 1000: read at 800, 4k and 8k steps; validated every 400 on the whole split.
     "ptb_lstm_s1": ["experiment=paper_ptb", "model=lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
                     "trainer.log_every=50"],
     "ptb_bn_lstm_s1": ["experiment=paper_ptb", "model=bn_lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
                        "trainer.log_every=50"],
-    # The tanh question on pMNIST with a true permutation (a linear classifier's ceiling is then order-free).
-    **{
-        f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
-                                    "trainer.max_steps=20000", *MNIST]
-        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn", "bn_linear_rnn2")
-    },
 }
 
 
 def campaign_dir() -> Path:
-    return Path(os.environ.get("RBN_CAMPAIGN_DIR", Path.home() / "rbn_campaign")).expanduser().absolute()
+    return Path(os.environ.get("RBN_CAMPAIGN_DIR", REPO.parent / "rbn_campaign")).expanduser().absolute()
 
 
 def state(run_dir: Path) -> tuple[str, int]:
@@ -102,7 +109,9 @@ def launch(name: str, root: Path) -> subprocess.Popen:
     argv = command(name, run_dir)
     print(f"{name}: {'resuming at step ' + str(steps) if run_state == 'partial' else 'starting'}: "
           f"{' '.join(argv[1:])}", flush=True)
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # The runs import this checkout's package (not whichever one the interpreter has installed), so that a campaign
+    # started from a frozen copy of the repository is not changed by edits to another.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
     log = (run_dir / "campaign.log").open("a")
     process = subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
     (run_dir / "campaign.pid").write_text(str(process.pid))
@@ -139,12 +148,12 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
 
 
 def collect(root: Path, names: list[str]) -> None:
-    """Copy each run's record (no checkpoints) into results/runs/paper_curves/<name>/."""
+    """Copy each run's record (no checkpoints) into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*)."""
     for name in names:
         source = root / name
         if not source.exists():
             continue
-        target = RESULTS / name
+        target = (TANH_RESULTS if name.startswith("tanh_") else RESULTS) / name
         target.mkdir(parents=True, exist_ok=True)
         for file in RECORD:
             if (source / file).exists():
@@ -176,7 +185,7 @@ def main() -> int:
         return 0
     if args.collect:
         collect(root, names)
-        print(f"copied the records of {root} into {RESULTS.relative_to(REPO)}")
+        print(f"copied the records of {root} into {RESULTS.relative_to(REPO)} and {TANH_RESULTS.relative_to(REPO)}")
         return 0
     print(f"campaign directory: {root}", flush=True)
     return run_all(root, names, args.jobs)

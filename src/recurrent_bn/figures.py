@@ -946,7 +946,7 @@ def all_figures(results: Results) -> dict[str, Figure]:
         "fig8_tanh_question": figure_8(results.runs_of("fig8"), results.analysis("fig1a_gradient_flow"),
                                        results.analysis_meta("fig1a_gradient_flow")),
         "paper_curves": figure_paper_curves(results.runs_of("paper_curves"), results.reference),
-        "tanh_question_paper": figure_tanh_paper(results.runs_of("paper_curves"),
+        "tanh_question_paper": figure_tanh_paper(results.runs_of("tanh_question"),
                                                  results.analysis_meta("linear_ceiling")),
     }
 
