@@ -438,7 +438,8 @@ class LSTM(_RecurrentStack):
         share_statistics_over_time: one population slot for all timesteps (the paper reports that this "severely
             degrades performance"); always on for "vbn". In training the input term is normalized with statistics
             over batch and time, the recurrent and cell terms with each timestep's batch statistics (later steps
-            are not known yet when a step is computed).
+            are not known yet when a step is computed). True shares every normalized term, or name the terms:
+            ("input",) is the paper's BN-e* (shared statistics for W_x x only, per-timestep ones elsewhere).
         norm_terms: which terms to normalize, a subset of ("input", "recurrent", "cell"); default all for "bn"
             and "ln", ("input",) for "vbn". For ablations.
         forget_bias: initial bias of the forget gate (1.0 in the authors' code).
@@ -455,6 +456,10 @@ class LSTM(_RecurrentStack):
         init_state_noise_mode: "training" (h_0 and c_0, training-mode forwards only) or "authors" (h_0 only, in
             every forward: the authors' training, statistics-estimation and test graphs all add it).
         backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels) or "auto".
+        bidirectional: a second direction per layer (`*_reverse` parameters, torch's names) that reads each
+            sequence's valid part backwards and leaves the padding in place (the paper's reversal): with lengths,
+            its step t reads x[lengths[b] - 1 - t, b], and its outputs are put back at the positions read. Each
+            direction has its own normalizations and per-timestep statistics.
     """
 
     state_count = 2
@@ -473,7 +478,7 @@ class LSTM(_RecurrentStack):
         gamma_init: float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        share_statistics_over_time: bool = False,
+        share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         forget_bias: float = 1.0,
         recurrent_init: str = "orthogonal",
@@ -576,7 +581,7 @@ class RNN(_RecurrentStack):
         gamma_init: float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        share_statistics_over_time: bool = False,
+        share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         recurrent_init: str = "orthogonal",
         learn_initial_state: bool = False,
