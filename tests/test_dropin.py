@@ -448,6 +448,7 @@ def test_fused_bidirectional_with_lengths_and_per_term_sharing_matches_the_refer
     (lambda: rb.LSTMCell(3, 4, norm="bn")(torch.randn(2, 3), step=-1), "step must be"),
     (lambda: rb.LSTMCell(3, 4)(torch.randn(2, 5)), "input must be"),
     (lambda: rb.LSTMCell(3, 4)(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4))), "state has shape"),
+    (lambda: rb.LSTMCell(3, 4)(torch.randn(2, 3), torch.zeros(2, 4)), "tuple"),
     (lambda: rb.RNNCell(3, 4, norm="bn")(torch.randn(2, 3), step=0, mask=torch.ones(3, dtype=torch.bool)),
      "mask must be"),
     (lambda: rb.LSTM(3, 4, bidirectional=True)(torch.randn(5, 2, 3), start_step=5), "bidirectional"),
@@ -460,3 +461,48 @@ def test_bad_combinations_raise_one_line_value_errors(make, match):
     with pytest.raises(ValueError, match=match) as error:
         make()
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The model configs: a bidirectional key, BN-e* as a named model
+
+
+def make_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from recurrent_bn.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def test_bne_lstm_model_shares_only_the_input_terms_statistics():
+    from recurrent_bn.config import validate
+    from recurrent_bn.models import build_model
+
+    cfg = make_cfg("task=digits", "model=bne_lstm", "model.hidden_size=8")
+    validate(cfg)
+    layer = build_model(cfg).recurrent
+    assert layer.share_statistics_over_time == ("input",)
+    assert layer.norm_ih_l0.slots == 1
+    assert layer.norm_hh_l0.slots == layer.norm_c_l0.slots == cfg.task.steps
+
+
+def test_bidirectional_classifier_reads_each_directions_final_state():
+    from recurrent_bn.config import validate
+    from recurrent_bn.models import build_model
+
+    cfg = make_cfg("task=digits", "model=bn_lstm", "model.hidden_size=6", "model.bidirectional=true")
+    validate(cfg)
+    net = build_model(cfg).double().eval()
+    x = torch.rand(cfg.task.steps, 3, cfg.task.input_size)
+    _, (h_n, _) = net.recurrent(x)
+    assert_close(net(x), net.head(torch.cat([h_n[0], h_n[1]], -1)))
+
+
+def test_bidirectional_language_model_is_refused():
+    from recurrent_bn.config import validate
+    from recurrent_bn.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.bidirectional"):
+        validate(make_cfg("task=ptb", "model=lstm", "model.hidden_size=8", "model.bidirectional=true"))

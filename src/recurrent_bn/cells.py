@@ -198,6 +198,8 @@ class LSTMCell(_RecurrentCell):
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, step: int | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        if hx is not None and not (isinstance(hx, tuple | list) and len(hx) == 2):
+            raise ValueError("hx of an LSTMCell is a tuple (h, c) of (B, hidden_size) tensors, or None for zeros")
         (h, c), step, mask = self._check(input, [None, None] if hx is None else list(hx), step, mask)
         norms = self._step_norms(step, mask)
         input_term = norms["norm_ih"](F.linear(input, self.weight_ih), 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -12,7 +13,7 @@ from recurrent_bn.layers import LSTM, RNN
 COMMON_KEYS = (
     "hidden_size", "num_layers", "norm", "dropout", "max_length", "gamma_init", "eps", "momentum",
     "share_statistics_over_time", "norm_terms", "recurrent_init", "learn_initial_state", "init_state_noise",
-    "init_state_noise_mode", "backend",
+    "init_state_noise_mode", "backend", "bidirectional",
 )
 LAYER_KEYS = {
     "lstm": COMMON_KEYS + ("forget_bias", "orthogonal_init", "cell_bias"),
@@ -37,8 +38,6 @@ def layer_kwargs(model: DictConfig, input_size: int) -> dict:
     if kwargs.get("norm_terms") is not None:
         kwargs["norm_terms"] = tuple(kwargs["norm_terms"])
     # Build once on the meta device: cheap, and it runs every check of the constructor.
-    import torch
-
     with torch.device("meta"):
         make_layer(cell, input_size, kwargs)
     return kwargs
@@ -53,17 +52,24 @@ def make_layer(cell: str, input_size: int, kwargs: dict) -> nn.Module:
 
 
 class SequenceClassifier(nn.Module):
-    """A recurrent layer over the pixels and a linear read-out of its last hidden state (MNIST, digits)."""
+    """A recurrent layer over the pixels and a linear read-out of its last hidden state (MNIST, digits).
+
+    A bidirectional layer is read where each direction has seen the whole sequence: the forward half of the last
+    output and the reverse half of the first.
+    """
 
     def __init__(self, recurrent: nn.Module, num_classes: int, head_init: str = "orthogonal") -> None:
         super().__init__()
         self.recurrent = recurrent
-        self.head = nn.Linear(recurrent.hidden_size, num_classes)
+        self.head = nn.Linear(recurrent.hidden_size * getattr(recurrent, "num_directions", 1), num_classes)
         init_head_(self.head, head_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (T, B, 1) pixels in [0, 1] → logits (B, classes)."""
         output, _ = self.recurrent(x)
+        if getattr(self.recurrent, "bidirectional", False):
+            hidden = self.recurrent.hidden_size
+            return self.head(torch.cat([output[-1, :, :hidden], output[0, :, hidden:]], -1))
         return self.head(output[-1])
 
 
