@@ -112,6 +112,22 @@ def test_bidirectional_none_matches_torch_lstm_both_ways(backend, num_layers, ba
         assert_close(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_bidirectional_rnn_none_matches_torch_rnn(packed):
+    torch.manual_seed(10)
+    ours = randomize(rb.RNN(3, 5, 2, nonlinearity="relu", bidirectional=True))
+    theirs = nn.RNN(3, 5, 2, nonlinearity="relu", bidirectional=True)
+    theirs.load_state_dict(ours.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(6, 4, 3)
+    inputs = pack_padded_sequence(x, torch.tensor([6, 3, 1, 5]), enforce_sorted=False) if packed else x
+    (y1, h1), (y2, h2) = ours(inputs), theirs(inputs)
+    if packed:
+        y1, y2 = y1.data, y2.data
+    assert_close(y1, y2, 1e-12)
+    assert_close(h1, h2, 1e-12)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bidirectional, normalized: each direction equals a one-directional layer, the reverse one over reversed valid parts
 
