@@ -4,10 +4,15 @@
     lstm = recurrent_bn.LSTM(input_size, hidden_size, norm="bn", max_length=100)
     output, (h_n, c_n) = lstm(x)                         # x: (T, B, input_size)
     recurrent_bn.estimate_population_statistics(model, batches)  # before testing, as the paper does
+    cell = recurrent_bn.LSTMCell(input_size, hidden_size, norm="bn", max_length=100)
+    h, c = cell(x[t], (h, c), step=t)                    # one step of the layer, for loops of your own
 """
 
+from recurrent_bn.cells import LSTMCell, RNNCell
 from recurrent_bn.layers import LSTM, RNN, estimate_population_statistics
 from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm
 
-__all__ = ["LSTM", "RNN", "RecurrentBatchNorm", "RecurrentLayerNorm", "estimate_population_statistics"]
+__all__ = [
+    "LSTM", "LSTMCell", "RNN", "RNNCell", "RecurrentBatchNorm", "RecurrentLayerNorm", "estimate_population_statistics",
+]
 __version__ = "0.1.0"

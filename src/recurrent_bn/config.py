@@ -16,7 +16,7 @@ from recurrent_bn.errors import ConfigError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 TASKS = ("smnist", "pmnist", "ptb", "text8", "digits")
-LSTM_MODELS = ("lstm", "vbn_lstm", "bn_lstm", "ln_lstm")
+LSTM_MODELS = ("lstm", "vbn_lstm", "bn_lstm", "ln_lstm", "bne_lstm")
 RNN_MODELS = ("rnn", "bn_rnn", "ln_rnn", "bn_linear_rnn", "bn_linear_rnn2")
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
@@ -117,6 +117,9 @@ def validate(cfg: DictConfig) -> None:
         _require(cfg.task.permutation in PERMUTATIONS, "task.permutation", ", ".join(PERMUTATIONS),
                  cfg.task.permutation)
     else:
+        _require(not cfg.model.get("bidirectional", False), "model.bidirectional",
+                 "false for a language model (the reverse direction would read the characters it predicts)",
+                 cfg.model.get("bidirectional"))
         _positive_int(cfg, "task.seq_len")
         _require(cfg.task.seq_len >= 2, "task.seq_len", "at least 2 (one input and one target)", cfg.task.seq_len)
         _positive_int(cfg, "task.eval_seq_len")

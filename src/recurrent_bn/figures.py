@@ -31,11 +31,12 @@ MODEL_LABELS = {
     "lstm": "LSTM", "bn_lstm": "BN-LSTM", "vbn_lstm": "VBN-LSTM (W_x x only)", "ln_lstm": "LN-LSTM",
     "rnn": "tanh RNN", "bn_rnn": "tanh(BN(·)) RNN", "bn_linear_rnn": "BN, no tanh, no bias",
     "bn_linear_rnn2": "2 BN-linear recurrences, tanh between",
-    "ln_rnn": "tanh(LN(·)) RNN",
+    "ln_rnn": "tanh(LN(·)) RNN", "bne_lstm": "BN-e* LSTM (W_x x shared over time)",
 }
 MODEL_COLORS = {
     "lstm": "tab:blue", "bn_lstm": "tab:red", "vbn_lstm": "tab:green", "ln_lstm": "tab:purple", "rnn": "tab:gray",
     "bn_rnn": "tab:orange", "bn_linear_rnn": "tab:brown", "ln_rnn": "tab:pink", "bn_linear_rnn2": "tab:olive",
+    "bne_lstm": "tab:cyan",
 }
 TASK_LABELS = {
     "smnist": "sequential MNIST", "pmnist": "permuted MNIST", "ptb": "Penn Treebank characters", "text8": "text8",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from recurrent_bn import recurrence
 from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
@@ -56,6 +57,182 @@ def _make_norm(
     )
 
 
+def _shared_terms(value: bool | str | tuple[str, ...] | list[str] | None, norm: str, norm_terms: tuple[str, ...],
+                  allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """`share_statistics_over_time` as the terms it applies to: True all, False none, or the terms named.
+
+    Naming terms is the paper's BN-e*: ("input",) shares the input term's statistics over time (its fix for
+    zero-padded inputs) and keeps per-timestep statistics for the others.
+    """
+    if value is None or isinstance(value, bool):
+        return tuple(norm_terms) if value else ()
+    terms = (value,) if isinstance(value, str) else tuple(value)
+    for term in terms:
+        _choice("share_statistics_over_time entry", term, allowed)
+    if terms and norm not in ("bn", "vbn"):
+        raise ValueError("share_statistics_over_time names batch-norm statistics: it needs norm='bn'")
+    missing = [t for t in terms if t not in norm_terms]
+    if missing:
+        raise ValueError(f"share_statistics_over_time names {missing}, which norm_terms={norm_terms} does not "
+                         "normalize: add them to norm_terms or leave them out")
+    return tuple(t for t in allowed if t in terms)
+
+
+def _gamma(norm: str, gamma_init: float | None) -> float:
+    """The one place for the default γ: 0.1 for batch norm (the paper), 1.0 for layer norm."""
+    gamma = (1.0 if norm == "ln" else 0.1) if gamma_init is None else float(gamma_init)
+    if norm != "none" and gamma <= 0:
+        raise ValueError(f"gamma_init must be > 0, got {gamma}")
+    return gamma
+
+
+def _lstm_options(module: nn.Module, norm: str, norm_terms, share_statistics_over_time) -> None:
+    """Check and set the options an LSTM layer and an LSTMCell share: norm, norm_terms, the shared terms."""
+    module.norm = _choice("norm", norm, LSTM_NORMS)
+    if norm_terms is None:
+        norm_terms = {"none": (), "vbn": ("input",)}.get(norm, LSTM_TERMS)
+    for term in norm_terms:
+        _choice("norm_terms entry", term, LSTM_TERMS)
+    if norm == "none" and norm_terms:
+        raise ValueError("norm_terms needs a normalization: set norm to 'bn', 'ln' or 'vbn'")
+    module.norm_terms = tuple(t for t in LSTM_TERMS if t in norm_terms)
+    # Vertical batch norm shares every statistic over time by definition.
+    shared = True if norm == "vbn" else share_statistics_over_time
+    module.share_statistics_over_time = _shared_terms(shared, norm, module.norm_terms, LSTM_TERMS)
+
+
+def _add_lstm_terms(
+    module: nn.Module, suffix: str, input_size: int, bias: bool, max_length: int, eps: float, momentum: float | None
+) -> None:
+    """Register one LSTM layer's (or cell's) parameters and normalizations, named as torch names them plus `suffix`
+    (`weight_ih_l0_reverse`; `weight_ih` for a cell). Reads the options `_lstm_options` set on `module`."""
+    hidden = module.hidden_size
+    features = 4 * hidden
+    module.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(features, input_size)))
+    module.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(features, hidden)))
+    if bias and module.norm == "none":
+        module.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(features)))
+        module.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(features)))
+    elif bias:
+        module.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(features)))
+    kind = "ln" if module.norm == "ln" else "bn"
+    for term, name, size, learn_beta in (
+        ("input", "norm_ih", features, False),
+        ("recurrent", "norm_hh", features, False),
+        ("cell", "norm_c", hidden, True),
+    ):
+        if term in module.norm_terms:
+            shared = term in module.share_statistics_over_time
+            norm = _make_norm(kind, size, max_length, module.gamma_init, eps, momentum, shared, learn_beta)
+            module.add_module(f"{name}{suffix}", norm)
+    if module.cell_bias and "cell" not in module.norm_terms:
+        module.add_module(f"shift_c{suffix}", CellShift(hidden))
+
+
+def _init_lstm_terms_(module: nn.Module, suffix: str) -> None:
+    """The authors' initialisation of one LSTM layer (or cell): W_x and W_h orthogonal (or identity for g), zero
+    biases, forget bias `forget_bias`."""
+    hidden = module.hidden_size
+    _orthogonal_(getattr(module, f"weight_ih{suffix}"), 4, module.orthogonal_init)
+    weight_hh = getattr(module, f"weight_hh{suffix}")
+    if module.recurrent_init == "identity":
+        # Gate order i, f, g, o: the f, i, o rows are orthogonal (jointly or per gate), g is the identity.
+        others = torch.empty(3 * hidden, hidden, dtype=weight_hh.dtype, device=weight_hh.device)
+        _orthogonal_(others, 3, module.orthogonal_init)
+        with torch.no_grad():
+            weight_hh[: 2 * hidden].copy_(others[: 2 * hidden])
+            weight_hh[2 * hidden : 3 * hidden].copy_(torch.eye(hidden))
+            weight_hh[3 * hidden :].copy_(others[2 * hidden :])
+    else:
+        _orthogonal_(weight_hh, 4, module.orthogonal_init)
+    biases = [p for p in (_parameter(module, f"bias_ih{suffix}"), _parameter(module, f"bias{suffix}")) if p is not None]
+    for parameter in biases + [_parameter(module, f"bias_hh{suffix}")]:
+        if parameter is not None:
+            nn.init.zeros_(parameter)
+    if biases:
+        with torch.no_grad():
+            biases[0][hidden : 2 * hidden].fill_(module.forget_bias)
+
+
+def _parameter(module: nn.Module, name: str) -> Tensor | None:
+    """The parameter `name` of `module`, or None (a cell's flags are not parameters, unlike a bias named `bias`)."""
+    return module._parameters.get(name)
+
+
+def _bias(module: nn.Module, suffix: str) -> Tensor | None:
+    """The bias added to the input term: torch's two biases summed (no normalization), else the one bias, or None."""
+    bias_ih = _parameter(module, f"bias_ih{suffix}")
+    if bias_ih is not None:
+        return bias_ih + _parameter(module, f"bias_hh{suffix}")
+    return _parameter(module, f"bias{suffix}")
+
+
+def _sum_norm_name(suffix: str) -> str:
+    """The RNN's one normalization of the summed terms: `norm_l0` in a layer, `norm_sum` in a cell (whose `norm`
+    is the option)."""
+    return f"norm{suffix}" if suffix else "norm_sum"
+
+
+def _rnn_options(module: nn.Module, norm: str, norm_placement: str, norm_terms, share_statistics_over_time) -> None:
+    """Check and set the options an RNN layer and an RNNCell share."""
+    module.norm = _choice("norm", norm, RNN_NORMS)
+    module.norm_placement = _choice("norm_placement", norm_placement, PLACEMENTS)
+    if norm_terms is None:
+        norm_terms = () if norm == "none" else RNN_TERMS
+    for term in norm_terms:
+        _choice("norm_terms entry", term, RNN_TERMS)
+    if norm == "none" and norm_terms:
+        raise ValueError("norm_terms needs a normalization: set norm to 'bn' or 'ln'")
+    if norm != "none" and norm_placement == "sum" and tuple(norm_terms) not in (RNN_TERMS, RNN_TERMS[::-1]):
+        raise ValueError("norm_placement='sum' normalizes the sum of both terms: use 'separate' for norm_terms")
+    module.norm_terms = tuple(t for t in RNN_TERMS if t in norm_terms)
+    shared = _shared_terms(share_statistics_over_time, norm, module.norm_terms, RNN_TERMS)
+    if norm_placement == "sum" and shared not in ((), RNN_TERMS):
+        raise ValueError("norm_placement='sum' has one normalization of the summed terms: set "
+                         "share_statistics_over_time to true or false, or use norm_placement='separate'")
+    module.share_statistics_over_time = shared
+
+
+def _add_rnn_terms(
+    module: nn.Module, suffix: str, input_size: int, bias: bool, max_length: int, eps: float, momentum: float | None
+) -> None:
+    """Register one RNN layer's (or cell's) parameters and normalizations (see `_add_lstm_terms`)."""
+    hidden = module.hidden_size
+    kind = "ln" if module.norm == "ln" else "bn"
+    module.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(hidden, input_size)))
+    module.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(hidden, hidden)))
+    if module.norm == "none" and bias:
+        module.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(hidden)))
+        module.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(hidden)))
+    elif module.norm != "none" and module.norm_placement == "sum":
+        # β of the one normalization is the bias: a separate b would be removed by the mean subtraction.
+        shared = bool(module.share_statistics_over_time)
+        norm = _make_norm(kind, hidden, max_length, module.gamma_init, eps, momentum, shared, learn_beta=bias)
+        module.add_module(_sum_norm_name(suffix), norm)
+    elif module.norm != "none":
+        if bias:
+            module.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(hidden)))
+        for term, name in (("input", "norm_ih"), ("recurrent", "norm_hh")):
+            if term in module.norm_terms:
+                shared = term in module.share_statistics_over_time
+                norm = _make_norm(kind, hidden, max_length, module.gamma_init, eps, momentum, shared, learn_beta=False)
+                module.add_module(f"{name}{suffix}", norm)
+
+
+def _init_rnn_terms_(module: nn.Module, suffix: str) -> None:
+    """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
+    nn.init.orthogonal_(getattr(module, f"weight_ih{suffix}"))
+    weight_hh = getattr(module, f"weight_hh{suffix}")
+    if module.recurrent_init == "identity":
+        with torch.no_grad():
+            weight_hh.copy_(torch.eye(module.hidden_size))
+    else:
+        nn.init.orthogonal_(weight_hh)
+    for name in (f"bias_ih{suffix}", f"bias_hh{suffix}", f"bias{suffix}"):
+        if _parameter(module, name) is not None:
+            nn.init.zeros_(_parameter(module, name))
+
+
 class _RecurrentStack(nn.Module):
     """What the LSTM and the RNN share: initial states, masks from lengths, stacking and dropout between layers."""
 
@@ -64,6 +241,7 @@ class _RecurrentStack(nn.Module):
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int, batch_first: bool, dropout: float,
         learn_initial_state: bool, init_state_noise: float, init_state_noise_mode: str, backend: str,
+        *, bidirectional: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -81,16 +259,27 @@ class _RecurrentStack(nn.Module):
         self.init_state_noise = init_state_noise
         self.init_state_noise_mode = _choice("init_state_noise_mode", init_state_noise_mode, NOISE_MODES)
         self.backend = _choice("backend", backend, BACKENDS)
+        self.bidirectional = bool(bidirectional)
+        self.num_directions = 2 if bidirectional else 1
         self.learn_initial_state = learn_initial_state
         if learn_initial_state:
             # h_0 (and c_0) learned, starting at zero, as in the authors' code.
-            self.initial_state = nn.Parameter(torch.zeros(self.state_count, num_layers, hidden_size))
+            self.initial_state = nn.Parameter(
+                torch.zeros(self.state_count, num_layers * self.num_directions, hidden_size)
+            )
+
+    def _layer_names(self, layer: int) -> list[str]:
+        """Suffixes of one layer's parameters and normalizations, one per direction, as torch names them."""
+        return [f"l{layer}", f"l{layer}_reverse"][: self.num_directions]
+
+    def _layer_input_size(self, layer: int) -> int:
+        return self.input_size if layer == 0 else self.hidden_size * self.num_directions
 
     def _initial_states(self, hx: Tensor | tuple[Tensor, ...] | None, batch: int, like: Tensor) -> list[Tensor]:
-        """Initial states as a list of (num_layers, B, H) tensors: h (and c)."""
+        """Initial states as a list of (num_layers * num_directions, B, H) tensors: h (and c)."""
         if hx is not None:
             states = list(hx) if isinstance(hx, tuple | list) else [hx]
-            expected = (self.num_layers, batch, self.hidden_size)
+            expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
             for state in states:
                 if state.shape != expected:
                     raise ValueError(f"initial state has shape {tuple(state.shape)}, expected {expected}")
@@ -98,7 +287,7 @@ class _RecurrentStack(nn.Module):
         if self.learn_initial_state:
             states = [s.unsqueeze(1).expand(-1, batch, -1) for s in self.initial_state]
         else:
-            zeros = like.new_zeros(self.num_layers, batch, self.hidden_size)
+            zeros = like.new_zeros(self.num_layers * self.num_directions, batch, self.hidden_size)
             states = [zeros] * self.state_count
         if self.init_state_noise > 0 and self.init_state_noise_mode == "authors":
             # The authors' graphs add the noise to h_0 only, in training and in the graphs that re-estimate the
@@ -110,22 +299,31 @@ class _RecurrentStack(nn.Module):
             states = [s + self.init_state_noise * torch.randn_like(s) for s in states]
         return states
 
-    def _check_input(self, input: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _check_input(
+        self, input: Tensor, lengths: Tensor | None, batch_first: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """The input time-major, the (T, B) mask of valid positions and the lengths (None without lengths)."""
         if input.dim() != 3:
             raise ValueError(f"input must be 3-D (T, B, {self.input_size}) or batch-first, got {tuple(input.shape)}")
-        if self.batch_first:
+        if batch_first:
             input = input.transpose(0, 1)
         if input.shape[-1] != self.input_size:
             raise ValueError(f"input has {input.shape[-1]} features, expected input_size={self.input_size}")
         if input.shape[0] == 0:
             raise ValueError("input has no timesteps")
         if lengths is None:
-            return input, None
-        lengths = torch.as_tensor(lengths, device=input.device)
+            return input, None, None
+        lengths = torch.as_tensor(lengths)
         if lengths.shape != (input.shape[1],):
             raise ValueError(f"lengths must have shape ({input.shape[1]},), got {tuple(lengths.shape)}")
+        # Checked where it costs no device synchronisation (lengths are usually on the CPU, as torch's packing wants).
+        if lengths.device.type == "cpu" and len(lengths) and not 0 <= int(lengths.min()) <= int(lengths.max()) <= (
+            input.shape[0]
+        ):
+            raise ValueError(f"lengths must be in [0, {input.shape[0]}] (the number of timesteps)")
+        lengths = lengths.to(input.device)
         steps = torch.arange(input.shape[0], device=input.device)
-        return input, steps[:, None] < lengths[None, :]
+        return input, steps[:, None] < lengths[None, :], lengths
 
     def _between_layers(self, output: Tensor) -> Tensor:
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
@@ -135,38 +333,88 @@ class _RecurrentStack(nn.Module):
         return recurrence.use_fused(self.backend)
 
     def forward(
-        self, input: Tensor, hx: Tensor | tuple[Tensor, Tensor] | None = None, lengths: Tensor | None = None,
-        *, start_step: int = 0,
+        self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, Tensor] | None = None,
+        lengths: Tensor | None = None, *, start_step: int = 0,
     ):
-        """Run the stack over `input` (T, B, I), or (B, T, I) with batch_first.
+        """Run the stack over `input` (T, B, I), or (B, T, I) with batch_first, or a PackedSequence.
 
         Args:
-            hx: initial states (num_layers, B, H), a tuple (h_0, c_0) for the LSTM; zeros (or the learned initial
-                state) when None.
+            hx: initial states (num_layers * num_directions, B, H), a tuple (h_0, c_0) for the LSTM; zeros (or the
+                learned initial state) when None.
             lengths: (B,) valid length of each sequence of a padded batch. Padded positions are left out of the
                 batch statistics, their outputs are zero, and the final states are each sequence's state at its own
-                last step.
+                last step. A PackedSequence carries its lengths (it is unpacked, run as with `lengths`, and the
+                output packed again, as torch.nn does).
             start_step: index of the first timestep, for a sequence fed in consecutive pieces with its state
                 carried: batch norm then picks the population statistics of the right timesteps.
 
-        Returns `(output, h_n)` for the RNN, `(output, (h_n, c_n))` for the LSTM, with torch.nn's shapes.
+        Returns `(output, h_n)` for the RNN, `(output, (h_n, c_n))` for the LSTM, with torch.nn's shapes: the
+        output has num_directions * H features, the states are ordered layer by layer, forward then reverse.
         """
-        input, mask = self._check_input(input, lengths)
+        packed = input if isinstance(input, PackedSequence) else None
+        if packed is not None:
+            if lengths is not None:
+                raise ValueError("a PackedSequence carries its lengths: do not pass lengths too")
+            input, lengths = pad_packed_sequence(packed)  # time-major, lengths in the caller's batch order
+        if self.bidirectional and start_step != 0:
+            raise ValueError("start_step continues a sequence fed in pieces, which a bidirectional layer cannot "
+                             "read backwards: feed the whole sequence with start_step=0")
+        input, mask, lengths = self._check_input(input, lengths, self.batch_first and packed is None)
         states = self._initial_states(hx, input.shape[1], input)
+        reverse_index = _reverse_index(lengths, input.shape[0]) if self.bidirectional else None
         layer_input = input
         finals = []
         for layer in range(self.num_layers):
-            output, final = self._layer(layer, layer_input, [s[layer] for s in states], mask, start_step)
-            finals.append(final)
+            outputs = []
+            for direction, name in enumerate(self._layer_names(layer)):
+                index = layer * self.num_directions + direction
+                # The reverse direction reads each sequence's valid part backwards, its padding left in place, so
+                # that its step t holds the t-th position it reads (the paper's reversal of the unpadded portion).
+                x = layer_input if direction == 0 else _reverse(layer_input, reverse_index)
+                output, final = self._layer(name, x, [s[index] for s in states], mask, start_step)
+                outputs.append(output if direction == 0 else _reverse(output, reverse_index))
+                finals.append(final)
+            output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
             if layer < self.num_layers - 1:
                 output = self._between_layers(output)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 output = F.dropout(output, self.dropout, training=True)
             layer_input = output
+        stacked = [torch.stack(parts) for parts in zip(*finals, strict=True)]
+        state = stacked[0] if self.state_count == 1 else tuple(stacked)
+        if packed is not None:
+            return _repack(output, lengths, packed), state
         if self.batch_first:
             output = output.transpose(0, 1)
-        stacked = [torch.stack(parts) for parts in zip(*finals, strict=True)]
-        return output, (stacked[0] if self.state_count == 1 else tuple(stacked))
+        return output, state
+
+
+def _reverse_index(lengths: Tensor | None, steps: int) -> Tensor | None:
+    """(T, B) positions the reverse direction reads: lengths[b] - 1 - t for t < lengths[b], t on the padding.
+
+    The map is its own inverse, so the same gather puts the reverse direction's outputs back in place. None
+    without lengths: every sequence is reversed whole.
+    """
+    if lengths is None:
+        return None
+    step = torch.arange(steps, device=lengths.device)[:, None]
+    return torch.where(step < lengths[None, :], lengths[None, :] - 1 - step, step)
+
+
+def _reverse(x: Tensor, index: Tensor | None) -> Tensor:
+    """x (T, B, F) with each sequence's valid part reversed (`_reverse_index`)."""
+    if index is None:
+        return x.flip(0)
+    return x.gather(0, index.unsqueeze(-1).expand_as(x))
+
+
+def _repack(output: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """The padded output (T, B, F) packed with the batch sizes and sorting of the input `like`, as torch.nn does."""
+    order = like.sorted_indices
+    if order is not None:
+        output, lengths = output.index_select(1, order), lengths[order.to(lengths.device)]
+    data = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 class LSTM(_RecurrentStack):
@@ -190,7 +438,8 @@ class LSTM(_RecurrentStack):
         share_statistics_over_time: one population slot for all timesteps (the paper reports that this "severely
             degrades performance"); always on for "vbn". In training the input term is normalized with statistics
             over batch and time, the recurrent and cell terms with each timestep's batch statistics (later steps
-            are not known yet when a step is computed).
+            are not known yet when a step is computed). True shares every normalized term, or name the terms:
+            ("input",) is the paper's BN-e* (shared statistics for W_x x only, per-timestep ones elsewhere).
         norm_terms: which terms to normalize, a subset of ("input", "recurrent", "cell"); default all for "bn"
             and "ln", ("input",) for "vbn". For ablations.
         forget_bias: initial bias of the forget gate (1.0 in the authors' code).
@@ -207,6 +456,10 @@ class LSTM(_RecurrentStack):
         init_state_noise_mode: "training" (h_0 and c_0, training-mode forwards only) or "authors" (h_0 only, in
             every forward: the authors' training, statistics-estimation and test graphs all add it).
         backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels) or "auto".
+        bidirectional: a second direction per layer (`*_reverse` parameters, torch's names) that reads each
+            sequence's valid part backwards and leaves the padding in place (the paper's reversal): with lengths,
+            its step t reads x[lengths[b] - 1 - t, b], and its outputs are put back at the positions read. Each
+            direction has its own normalizations and per-timestep statistics.
     """
 
     state_count = 2
@@ -225,7 +478,7 @@ class LSTM(_RecurrentStack):
         gamma_init: float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        share_statistics_over_time: bool = False,
+        share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         forget_bias: float = 1.0,
         recurrent_init: str = "orthogonal",
@@ -235,112 +488,59 @@ class LSTM(_RecurrentStack):
         init_state_noise: float = 0.0,
         init_state_noise_mode: str = "training",
         backend: str = "auto",
+        bidirectional: bool = False,
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
-            init_state_noise_mode, backend,
+            init_state_noise_mode, backend, bidirectional=bidirectional,
         )
-        self.norm = _choice("norm", norm, LSTM_NORMS)
+        _lstm_options(self, norm, norm_terms, share_statistics_over_time)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
         self.orthogonal_init = _choice("orthogonal_init", orthogonal_init, ORTHOGONAL_SCOPES)
         self.cell_bias = bool(cell_bias)
-        if norm_terms is None:
-            norm_terms = {"none": (), "vbn": ("input",)}.get(norm, LSTM_TERMS)
-        for term in norm_terms:
-            _choice("norm_terms entry", term, LSTM_TERMS)
-        if norm == "none" and norm_terms:
-            raise ValueError("norm_terms needs a normalization: set norm to 'bn', 'ln' or 'vbn'")
-        self.norm_terms = tuple(t for t in LSTM_TERMS if t in norm_terms)
-        self.share_statistics_over_time = share_statistics_over_time or norm == "vbn"
-        self.gamma_init = (1.0 if norm == "ln" else 0.1) if gamma_init is None else float(gamma_init)
-        if self.norm != "none" and self.gamma_init <= 0:
-            raise ValueError(f"gamma_init must be > 0, got {self.gamma_init}")
+        self.gamma_init = _gamma(self.norm, gamma_init)
         self.forget_bias = forget_bias
         self.bias = bias
-        kind = "ln" if norm == "ln" else "bn"
-        features = 4 * hidden_size
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(features, layer_input)))
-            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(features, hidden_size)))
-            if bias and norm == "none":
-                self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(features)))
-                self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(features)))
-            elif bias:
-                self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(features)))
-            for term, name, size, learn_beta in (
-                ("input", "norm_ih", features, False),
-                ("recurrent", "norm_hh", features, False),
-                ("cell", "norm_c", hidden_size, True),
-            ):
-                if term in self.norm_terms:
-                    module = _make_norm(
-                        kind, size, max_length, self.gamma_init, eps, momentum, self.share_statistics_over_time,
-                        learn_beta,
-                    )
-                    self.add_module(f"{name}_l{layer}", module)
-            if self.cell_bias and "cell" not in self.norm_terms:
-                self.add_module(f"shift_c_l{layer}", CellShift(hidden_size))
+            for name in self._layer_names(layer):
+                _add_lstm_terms(self, f"_{name}", self._layer_input_size(layer), bias, max_length, eps, momentum)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
-        hidden = self.hidden_size
         for layer in range(self.num_layers):
-            _orthogonal_(getattr(self, f"weight_ih_l{layer}"), 4, self.orthogonal_init)
-            weight_hh = getattr(self, f"weight_hh_l{layer}")
-            if self.recurrent_init == "identity":
-                # Gate order i, f, g, o: the f, i, o rows are orthogonal (jointly or per gate), g is the identity.
-                others = torch.empty(3 * hidden, hidden, dtype=weight_hh.dtype, device=weight_hh.device)
-                _orthogonal_(others, 3, self.orthogonal_init)
-                with torch.no_grad():
-                    weight_hh[: 2 * hidden].copy_(others[: 2 * hidden])
-                    weight_hh[2 * hidden : 3 * hidden].copy_(torch.eye(hidden))
-                    weight_hh[3 * hidden :].copy_(others[2 * hidden :])
-            else:
-                _orthogonal_(weight_hh, 4, self.orthogonal_init)
-            biases = [getattr(self, n) for n in (f"bias_ih_l{layer}", f"bias_l{layer}") if hasattr(self, n)]
-            for parameter in biases + [getattr(self, f"bias_hh_l{layer}", None)]:
-                if parameter is not None:
-                    nn.init.zeros_(parameter)
-            if biases:
-                with torch.no_grad():
-                    biases[0][hidden : 2 * hidden].fill_(self.forget_bias)
+            for name in self._layer_names(layer):
+                _init_lstm_terms_(self, f"_{name}")
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
         if self.learn_initial_state:
             nn.init.zeros_(self.initial_state)
 
-    def _bias(self, layer: int) -> Tensor | None:
-        if self.norm == "none":
-            if not self.bias:
-                return None
-            return getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")
-        return getattr(self, f"bias_l{layer}", None)
-
-    def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
+    def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
+        """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
         # The loop computes the input term norm_ih(W_x x) + b (the fused kernels in the same pass as the gates).
         output, h, c = recurrence.lstm(
             x,
             state[0],
             state[1],
-            getattr(self, f"weight_hh_l{layer}"),
-            getattr(self, f"norm_hh_l{layer}", None),
-            getattr(self, f"norm_c_l{layer}", getattr(self, f"shift_c_l{layer}", None)),
+            getattr(self, f"weight_hh_{name}"),
+            getattr(self, f"norm_hh_{name}", None),
+            getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None)),
             mask,
             start_step,
             fused=self._use_fused(),
-            weight_ih=getattr(self, f"weight_ih_l{layer}"),
-            norm_ih=getattr(self, f"norm_ih_l{layer}", None),
-            bias=self._bias(layer),
+            weight_ih=getattr(self, f"weight_ih_{name}"),
+            norm_ih=getattr(self, f"norm_ih_{name}", None),
+            bias=_bias(self, f"_{name}"),
         )
         return output, (h, c)
 
     def extra_repr(self) -> str:
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, norm={self.norm!r}, "
-            f"norm_terms={self.norm_terms}, batch_first={self.batch_first}, dropout={self.dropout}"
+            f"norm_terms={self.norm_terms}, batch_first={self.batch_first}, dropout={self.dropout}, "
+            f"bidirectional={self.bidirectional}"
         )
 
 
@@ -381,7 +581,7 @@ class RNN(_RecurrentStack):
         gamma_init: float | None = None,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
-        share_statistics_over_time: bool = False,
+        share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         recurrent_init: str = "orthogonal",
         learn_initial_state: bool = False,
@@ -389,72 +589,30 @@ class RNN(_RecurrentStack):
         init_state_noise_mode: str = "training",
         layer_activation: str = "identity",
         backend: str = "auto",
+        bidirectional: bool = False,
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
-            init_state_noise_mode, backend,
+            init_state_noise_mode, backend, bidirectional=bidirectional,
         )
-        self.norm = _choice("norm", norm, RNN_NORMS)
+        _rnn_options(self, norm, norm_placement, norm_terms, share_statistics_over_time)
         self.layer_activation = _choice("layer_activation", layer_activation, NONLINEARITIES)
         if layer_activation != "identity" and num_layers < 2:
             raise ValueError("layer_activation acts between layers: it needs num_layers >= 2")
         self.nonlinearity = _choice("nonlinearity", nonlinearity, NONLINEARITIES)
-        self.norm_placement = _choice("norm_placement", norm_placement, PLACEMENTS)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
-        if norm_terms is None:
-            norm_terms = () if norm == "none" else RNN_TERMS
-        for term in norm_terms:
-            _choice("norm_terms entry", term, RNN_TERMS)
-        if norm == "none" and norm_terms:
-            raise ValueError("norm_terms needs a normalization: set norm to 'bn' or 'ln'")
-        if norm != "none" and norm_placement == "sum" and tuple(norm_terms) not in (RNN_TERMS, RNN_TERMS[::-1]):
-            raise ValueError("norm_placement='sum' normalizes the sum of both terms: use 'separate' for norm_terms")
-        self.norm_terms = tuple(t for t in RNN_TERMS if t in norm_terms)
-        self.share_statistics_over_time = share_statistics_over_time
-        self.gamma_init = (1.0 if norm == "ln" else 0.1) if gamma_init is None else float(gamma_init)
-        if self.norm != "none" and self.gamma_init <= 0:
-            raise ValueError(f"gamma_init must be > 0, got {self.gamma_init}")
+        self.gamma_init = _gamma(self.norm, gamma_init)
         self.bias = bias
-        kind = "ln" if norm == "ln" else "bn"
         for layer in range(num_layers):
-            layer_input = input_size if layer == 0 else hidden_size
-            self.register_parameter(f"weight_ih_l{layer}", nn.Parameter(torch.empty(hidden_size, layer_input)))
-            self.register_parameter(f"weight_hh_l{layer}", nn.Parameter(torch.empty(hidden_size, hidden_size)))
-            if norm == "none" and bias:
-                self.register_parameter(f"bias_ih_l{layer}", nn.Parameter(torch.empty(hidden_size)))
-                self.register_parameter(f"bias_hh_l{layer}", nn.Parameter(torch.empty(hidden_size)))
-            elif norm != "none" and norm_placement == "sum":
-                # β of the one normalization is the bias: a separate b would be removed by the mean subtraction.
-                self.add_module(
-                    f"norm_l{layer}",
-                    _make_norm(kind, hidden_size, max_length, self.gamma_init, eps, momentum,
-                               share_statistics_over_time, learn_beta=bias),
-                )
-            elif norm != "none":
-                if bias:
-                    self.register_parameter(f"bias_l{layer}", nn.Parameter(torch.empty(hidden_size)))
-                for term, name in (("input", "norm_ih"), ("recurrent", "norm_hh")):
-                    if term in self.norm_terms:
-                        self.add_module(
-                            f"{name}_l{layer}",
-                            _make_norm(kind, hidden_size, max_length, self.gamma_init, eps, momentum,
-                                       share_statistics_over_time, learn_beta=False),
-                        )
+            for name in self._layer_names(layer):
+                _add_rnn_terms(self, f"_{name}", self._layer_input_size(layer), bias, max_length, eps, momentum)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
         for layer in range(self.num_layers):
-            nn.init.orthogonal_(getattr(self, f"weight_ih_l{layer}"))
-            weight_hh = getattr(self, f"weight_hh_l{layer}")
-            if self.recurrent_init == "identity":
-                with torch.no_grad():
-                    weight_hh.copy_(torch.eye(self.hidden_size))
-            else:
-                nn.init.orthogonal_(weight_hh)
-            for name in (f"bias_ih_l{layer}", f"bias_hh_l{layer}", f"bias_l{layer}"):
-                if hasattr(self, name):
-                    nn.init.zeros_(getattr(self, name))
+            for name in self._layer_names(layer):
+                _init_rnn_terms_(self, f"_{name}")
         for module in self.modules():
             if module is not self and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -464,21 +622,21 @@ class RNN(_RecurrentStack):
     def _between_layers(self, output: Tensor) -> Tensor:
         return recurrence.ACTIVATIONS[self.layer_activation](output)
 
-    def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
-        input_term = F.linear(x, getattr(self, f"weight_ih_l{layer}"))
-        norm_ih = getattr(self, f"norm_ih_l{layer}", None)
+    def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
+        """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
+        input_term = F.linear(x, getattr(self, f"weight_ih_{name}"))
+        norm_ih = getattr(self, f"norm_ih_{name}", None)
         if norm_ih is not None:
             input_term = norm_ih(input_term, mask, start_step)
-        if self.norm == "none" and self.bias:
-            input_term = input_term + getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")
-        elif hasattr(self, f"bias_l{layer}"):
-            input_term = input_term + getattr(self, f"bias_l{layer}")
+        bias = _bias(self, f"_{name}")
+        if bias is not None:
+            input_term = input_term + bias
         output, h = recurrence.rnn(
             input_term,
             state[0],
-            getattr(self, f"weight_hh_l{layer}"),
-            getattr(self, f"norm_hh_l{layer}", None),
-            getattr(self, f"norm_l{layer}", None),
+            getattr(self, f"weight_hh_{name}"),
+            getattr(self, f"norm_hh_{name}", None),
+            getattr(self, f"norm_{name}", None),
             self.nonlinearity,
             mask,
             start_step,
@@ -490,7 +648,8 @@ class RNN(_RecurrentStack):
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, norm={self.norm!r}, "
             f"nonlinearity={self.nonlinearity!r}, norm_placement={self.norm_placement!r}, "
-            f"norm_terms={self.norm_terms}, batch_first={self.batch_first}, dropout={self.dropout}"
+            f"norm_terms={self.norm_terms}, batch_first={self.batch_first}, dropout={self.dropout}, "
+            f"bidirectional={self.bidirectional}"
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -67,9 +68,11 @@ def parameter_count(cell: str, input_size: int, output_size: int, kwargs: dict) 
     """Weights and biases of the layer and read-out (normalization parameters are O(H) and left out): a bound
     checked before anything is allocated."""
     hidden, layers = int(kwargs.get("hidden_size", 1)), int(kwargs.get("num_layers", 1))
+    directions = 2 if kwargs.get("bidirectional") else 1
     gates = 4 if cell == "lstm" else 1
     first = gates * hidden * (input_size + hidden + 1)
-    return first + (layers - 1) * gates * hidden * (2 * hidden + 1) + output_size * (hidden + 1)
+    later = gates * hidden * (directions * hidden + hidden + 1)
+    return directions * (first + (layers - 1) * later) + output_size * (directions * hidden + 1)
 
 
 def _check_memory(count: int) -> None:
@@ -96,17 +99,24 @@ def make_layer(cell: str, input_size: int, kwargs: dict) -> nn.Module:
 
 
 class SequenceClassifier(nn.Module):
-    """A recurrent layer over the pixels and a linear read-out of its last hidden state (MNIST, digits)."""
+    """A recurrent layer over the pixels and a linear read-out of its last hidden state (MNIST, digits).
+
+    A bidirectional layer is read where each direction has seen the whole sequence: the forward half of the last
+    output and the reverse half of the first.
+    """
 
     def __init__(self, recurrent: nn.Module, num_classes: int, head_init: str = "orthogonal") -> None:
         super().__init__()
         self.recurrent = recurrent
-        self.head = nn.Linear(recurrent.hidden_size, num_classes)
+        self.head = nn.Linear(recurrent.hidden_size * getattr(recurrent, "num_directions", 1), num_classes)
         init_head_(self.head, head_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (T, B, 1) pixels in [0, 1] → logits (B, classes)."""
         output, _ = self.recurrent(x)
+        if getattr(self.recurrent, "bidirectional", False):
+            hidden = self.recurrent.hidden_size
+            return self.head(torch.cat([output[-1, :, :hidden], output[0, :, hidden:]], -1))
         return self.head(output[-1])
 
 

@@ -167,10 +167,7 @@ def lstm(
     inputs = input_term.unbind(0)  # see StepNorm: indexing in the loop would make the backward quadratic in T
     outputs = []
     for step in range(steps):
-        gates = inputs[step] + recurrent(torch.mm(h, weight_hh_t), step)
-        i, f, g, o = gates.chunk(4, 1)
-        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_next = torch.sigmoid(o) * torch.tanh(cell(c_next, step))
+        h_next, c_next = lstm_step(inputs[step], h, c, weight_hh_t, recurrent, cell, step)
         if mask is None:
             h, c = h_next, c_next
             outputs.append(h)
@@ -182,6 +179,28 @@ def lstm(
     recurrent.finish(batch)
     cell.finish(batch)
     return torch.stack(outputs), h, c
+
+
+def lstm_step(
+    input_term: Tensor, h: Tensor, c: Tensor, weight_hh_t: Tensor, recurrent: StepNorm, cell: StepNorm, step: int
+) -> tuple[Tensor, Tensor]:
+    """One LSTM timestep (eqs. 6-8) from its input term (B, 4H): the new h and the un-normalized c.
+
+    The layer's loop (`lstm`) and `LSTMCell` both call it, so that one cell step is one step of the layer.
+    `weight_hh_t` is W_h transposed (H, 4H); `recurrent` and `cell` normalize their terms at `step`.
+    """
+    gates = input_term + recurrent(torch.mm(h, weight_hh_t), step)
+    i, f, g, o = gates.chunk(4, 1)
+    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_next = torch.sigmoid(o) * torch.tanh(cell(c_next, step))
+    return h_next, c_next
+
+
+def rnn_step(
+    input_term: Tensor, h: Tensor, weight_hh_t: Tensor, recurrent: StepNorm, total: StepNorm, activation, step: int
+) -> Tensor:
+    """One RNN timestep, `act(N_sum(input_term + N_hh(W_h h)))`: shared by the layer's loop (`rnn`) and `RNNCell`."""
+    return activation(total(input_term + recurrent(torch.mm(h, weight_hh_t), step), step))
 
 
 def rnn(
@@ -212,7 +231,7 @@ def rnn(
     inputs = input_term.unbind(0)
     outputs = []
     for step in range(steps):
-        h_next = activation(total(inputs[step] + recurrent(torch.mm(h, weight_hh_t), step), step))
+        h_next = rnn_step(inputs[step], h, weight_hh_t, recurrent, total, activation, step)
         if mask is None:
             h = h_next
             outputs.append(h)
