@@ -23,7 +23,7 @@ NONLINEARITIES = ("tanh", "relu", "identity")
 RECURRENT_INITS = ("orthogonal", "identity")
 ORTHOGONAL_SCOPES = ("joint", "per_gate")
 NOISE_MODES = ("training", "authors")
-BACKENDS = ("auto", "reference", "fused")
+BACKENDS = ("auto", "reference", "fused", "triton")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -131,7 +131,10 @@ class _RecurrentStack(nn.Module):
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
         return output
 
-    def _use_fused(self) -> bool:
+    def _use_fused(self, x: Tensor) -> bool:
+        # Only CPU tensors can use the fused kernels: never build the extension for a GPU run.
+        if x.device.type != "cpu" or self.backend == "triton":
+            return False
         return recurrence.use_fused(self.backend)
 
     def forward(
@@ -206,7 +209,10 @@ class LSTM(_RecurrentStack):
         init_state_noise: std of Gaussian noise added to the initial state (the paper uses 0.1 on sequential MNIST).
         init_state_noise_mode: "training" (h_0 and c_0, training-mode forwards only) or "authors" (h_0 only, in
             every forward: the authors' training, statistics-estimation and test graphs all add it).
-        backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels) or "auto".
+        backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels, CPU tensors),
+            "triton" (one fused Triton kernel per timestep, `triton_lstm.py`: CUDA tensors in float32, bf16 through
+            autocast; CPU tensors only under TRITON_INTERPRET=1, for tests) or "auto" (triton on float32 CUDA
+            tensors, fused on CPU tensors, otherwise the reference loop).
     """
 
     state_count = 2
@@ -319,7 +325,28 @@ class LSTM(_RecurrentStack):
             return getattr(self, f"bias_ih_l{layer}") + getattr(self, f"bias_hh_l{layer}")
         return getattr(self, f"bias_l{layer}", None)
 
+    def _uses_triton(self, x: Tensor) -> bool:
+        """Whether this layer's loop runs on the Triton kernels: backend "triton" (which raises with one line when
+        they cannot run on x), or "auto" on a float32 CUDA tensor."""
+        if self.backend not in ("triton", "auto") or (self.backend == "auto" and x.device.type != "cuda"):
+            return False
+        from recurrent_bn import triton_lstm
+
+        if self.backend == "triton":
+            triton_lstm.check(x)
+            return True
+        return triton_lstm.covers(x)
+
     def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
+        if self._uses_triton(x):
+            from recurrent_bn import triton_lstm
+
+            output, h, c = triton_lstm.lstm(
+                x, getattr(self, f"weight_ih_l{layer}"), state[0], state[1], getattr(self, f"weight_hh_l{layer}"),
+                getattr(self, f"norm_ih_l{layer}", None), self._bias(layer), getattr(self, f"norm_hh_l{layer}", None),
+                getattr(self, f"norm_c_l{layer}", getattr(self, f"shift_c_l{layer}", None)), mask, start_step,
+            )
+            return output, (h, c)
         # The loop computes the input term norm_ih(W_x x) + b (the fused kernels in the same pass as the gates).
         output, h, c = recurrence.lstm(
             x,
@@ -330,7 +357,7 @@ class LSTM(_RecurrentStack):
             getattr(self, f"norm_c_l{layer}", getattr(self, f"shift_c_l{layer}", None)),
             mask,
             start_step,
-            fused=self._use_fused(),
+            fused=self._use_fused(x),
             weight_ih=getattr(self, f"weight_ih_l{layer}"),
             norm_ih=getattr(self, f"norm_ih_l{layer}", None),
             bias=self._bias(layer),
@@ -361,6 +388,8 @@ class RNN(_RecurrentStack):
     it (never after the last). With `nonlinearity="identity"` and batch norm this keeps every recurrence free of a
     nonlinearity and puts one between the recurrences, as modern linear recurrences do: the network is then no
     longer an affine map of its input at test time.
+
+    The RNN has no fused or Triton kernels: every backend runs the reference loop.
     """
 
     state_count = 1
@@ -482,7 +511,7 @@ class RNN(_RecurrentStack):
             self.nonlinearity,
             mask,
             start_step,
-            fused=self._use_fused(),
+            fused=self._use_fused(x),
         )
         return output, (h,)
 
