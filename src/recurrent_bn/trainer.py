@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from recurrent_bn import __version__
 from recurrent_bn.config import CONF_DIR, validate
-from recurrent_bn.errors import UserError
+from recurrent_bn.errors import ConfigError, UserError
 from recurrent_bn.layers import estimate_population_statistics
 from recurrent_bn.logs import MetricsCSV, WandbRun, write_json
 from recurrent_bn.models import build_model
@@ -34,6 +34,9 @@ from recurrent_bn.tasks import Task
 log = logging.getLogger("recurrent_bn")
 
 PAPER_SCALE_SECONDS = 3600  # a CPU run estimated to take longer than this gets pointed to the cpu_* preset
+# torch.compile unrolls the whole time loop: its cold compile took 27 / 41 / 85 s at T = 10 / 20 / 40 here, growing
+# faster than linearly (public reports: about five hours at T = 1500). Longer sequences are refused.
+COMPILE_MAX_STEPS = 64
 
 
 class Diverged(UserError):
@@ -186,6 +189,15 @@ def _warn_if_paper_scale(cfg: DictConfig, seconds_per_step: float, remaining_ste
                 remaining / 3600, remaining_steps, seconds_per_step, hint)
 
 
+def check_compile(compile_mode, steps: int) -> None:
+    """Refuse `trainer.compile` for sequences it would spend hours compiling, in one line."""
+    if compile_mode and steps > COMPILE_MAX_STEPS:
+        raise ConfigError(
+            f"trainer.compile unrolls all {steps} timesteps and would compile for a very long time (85 s at T = 40); "
+            f"it is allowed up to {COMPILE_MAX_STEPS} steps: set trainer.compile=false"
+        )
+
+
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or, with `cfg.resume`, continue) one run in `run_dir`; return its summary (also in summary.json)."""
     validate(cfg)
@@ -193,6 +205,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer_cfg = cfg.trainer
     device = pick_device(str(trainer_cfg.device))
+    check_compile(trainer_cfg.compile, int(cfg.task.steps))
     if trainer_cfg.threads:
         torch.set_num_threads(trainer_cfg.threads)
     if device.type == "cpu":
