@@ -174,7 +174,7 @@ class TritonLSTMFunction(torch.autograd.Function):
         output = saved.pop("out")  # not kept on ctx: an output held by its own node would be a reference cycle
         ctx.saved = saved
         ctx.save_for_backward(weight_hh, mask, *terms)
-        return output, saved["h"][-1], saved["c"][-1]
+        return output, saved["h"][-1].clone(), saved["c"][-1].clone()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
