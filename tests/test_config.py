@@ -92,6 +92,7 @@ def test_bad_values_raise_one_line_naming_the_key(override, key):
     cfg = make_cfg(override)
     with pytest.raises(ConfigError) as error:
         validate(cfg)
+        build_model(cfg)  # the layer's own checks (norm_terms, recurrent_init) run when it is built
     message = str(error.value)
     assert message.startswith(key) and "\n" not in message
 

@@ -5,6 +5,7 @@ Validation raises `ConfigError` with one line naming the key and what is allowed
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 
@@ -21,6 +22,8 @@ OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 COMPILE_MODES = (False, "default", "reduce-overhead")
+FLOAT32_MAX = 3.4028234663852886e38
+_ABSENT = object()
 
 
 def _run_dir(resume: str | None, default: str) -> str:
@@ -73,6 +76,9 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.eval_batches", "trainer.estimate_batches", "trainer.threads"):
         _positive_int(cfg, key, allow_none=True)
     _positive_float(cfg, "optim.lr")
+    _require(cfg.optim.lr < FLOAT32_MAX, "optim.lr", "a number below 3.4e38 (float32's largest)", cfg.optim.lr)
+    _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**63, "seed",
+             "an integer >= 0", cfg.seed)
     _positive_float(cfg, "model.eps")
     if cfg.model.norm != "none":
         _positive_float(cfg, "model.gamma_init")
@@ -118,32 +124,108 @@ def validate(cfg: DictConfig) -> None:
         lengths = cfg.task.test_lengths
         _require(all(isinstance(n, int) and n >= 2 for n in lengths), "task.test_lengths",
                  "a list of segment lengths >= 2 (characters)", lengths)
-    _build_check(cfg)
-
-
-def _build_check(cfg: DictConfig) -> None:
-    """Let the layer constructors judge the model options (norm, norm_terms, inits...), reported as config keys."""
+    _require(cfg.model.norm != "vbn" or cfg.model.share_statistics_over_time is True,
+             "model.share_statistics_over_time", "true with norm=vbn (vertical batch norm shares them over time)",
+             cfg.model.share_statistics_over_time)
     from recurrent_bn.models import layer_kwargs
 
+    layer_kwargs(cfg.model)  # every key of the model file is an argument of its layer
+
+
+GROUPS = ("task", "model", "optim", "logger", "experiment")
+# What a resumed run may change: how it is trained further, logged and read, never what it is.
+RESUME_MAY_CHANGE = ("trainer.", "logger.", "data.", "model.backend")
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, DictConfig):
+            keys += _dotted_keys(value, f"{prefix}{key}.")
+    return keys
+
+
+def _no_such_key(key: str, cfg: DictConfig, how: str) -> ConfigError:
+    close = difflib.get_close_matches(key, [k for k in _dotted_keys(cfg) if k != key], n=1)
+    hint = f"did you mean {close[0]}?" if close else "see conf/ for the keys"
+    return ConfigError(f"{how}{key}: no such key, and nothing would read it; {hint}")
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """`+key=value` adds a key to the config, which Hydra allows; but our files hold every key the code reads, so an
+    added key is a misspelling that would be ignored (`+trainer.max_step=10`): refuse it, naming the close one."""
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.split("=", 1)[0].lstrip("+")
+        if key.startswith("hydra") or key in GROUPS:
+            continue
+        raise _no_such_key(key, cfg, "+")
+
+
+def _load_saved(path: Path, run_dir: Path) -> DictConfig:
     try:
-        layer_kwargs(cfg.model, cfg.task.input_size)
-    except ValueError as error:
-        raise ConfigError(f"model: {error}") from None
+        return OmegaConf.load(path)
+    except Exception as error:  # noqa: BLE001 - a damaged or crafted file: one line, never its payload run
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"resume={run_dir}: {path.name} cannot be read ({first[:160]}); restore it from a copy, "
+                          "or start a new run") from None
+
+
+def _started_experiment(run_dir: Path) -> str | None:
+    from recurrent_bn.run_dir import started_with
+
+    return next((o.split("=", 1)[1] for o in started_with(run_dir) if o.lstrip("+").startswith("experiment=")),
+                None)
 
 
 def load_for_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
-    """The config a run was started with (`<run_dir>/config.yaml`), with the new command line's overrides on top."""
+    """The config a run was started with (`<run_dir>/config.yaml`), with the new command line's overrides on top.
+
+    Overrides compose as on a fresh run (`logger=csv` replaces the logger group); one that repeats the run's own
+    value is no change; one that would change what the run is (its task, model, optimizer or data) is refused in
+    one line naming the key, since the checkpoint could not carry it."""
+    from recurrent_bn.models import drop_stale_keys
+
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(
             f"resume={run_dir}: no config.yaml there; give the directory of a run started by this trainer"
         )
-    cfg = OmegaConf.load(saved)
-    extra = [o for o in overrides if not o.startswith(("resume=", "hydra.", "hydra/"))]
-    for override in extra:
-        if "=" not in override or override.split("=", 1)[0].lstrip("+~") in ("task", "model", "optim", "experiment"):
-            raise ConfigError(f"resume: cannot change {override.split('=', 1)[0]!r} of an existing run")
-    if extra:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in extra]))
+    cfg = _load_saved(saved, run_dir)
+    cfg.model = drop_stale_keys(cfg.model)
+    for override in overrides:
+        if override.startswith(("resume=", "hydra.", "hydra/", "+hydra", "~hydra")):
+            continue
+        if "=" not in override:
+            raise ConfigError(f"resume: {override!r} cannot be applied to an existing run; give key=value")
+        key, value = override.split("=", 1)
+        key = key.lstrip("+")
+        if key.startswith("~"):
+            raise ConfigError(f"resume: {key} removes a key of an existing run; start a new run instead")
+        if key in GROUPS:
+            current = _started_experiment(run_dir) if key == "experiment" else cfg[key].name
+            if value == current:
+                continue
+            group_file = CONF_DIR / key / f"{value}.yaml"
+            if key != "logger":
+                raise ConfigError(f"resume: {key}={value} would change the {key} of an existing run (it is "
+                                  f"{current}); start a new run for it")
+            if not group_file.is_file():
+                choices = ", ".join(sorted(p.stem for p in (CONF_DIR / key).glob("*.yaml")))
+                raise ConfigError(f"logger={value} is not allowed: one of {choices}")
+            cfg.logger = OmegaConf.load(group_file)
+            continue
+        old = OmegaConf.select(cfg, key, default=_ABSENT)
+        if old is _ABSENT:
+            raise _no_such_key(key, cfg, "resume: ")
+        new = OmegaConf.select(OmegaConf.from_dotlist([f"{key}={value}"]), key)
+        if new == old:
+            continue
+        if not key.startswith(RESUME_MAY_CHANGE):
+            raise ConfigError(f"resume: {key}={value} would change an existing run (it is {old}), and its checkpoint "
+                              "could not carry that; start a new run for it")
+        OmegaConf.update(cfg, key, new, merge=False)
     cfg.resume = str(run_dir)
     return cfg

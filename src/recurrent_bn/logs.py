@@ -1,7 +1,8 @@
 """What a run leaves behind: metrics.csv (appended and flushed as training goes), summary.json, and wandb.
 
-wandb is optional at every point: it is offline unless the user is logged in or asks for online, it never prompts or
-waits on the network for long, and any failure of it turns it off with one warning instead of stopping the run.
+wandb is optional at every point: it is offline unless the user is logged in, it never prompts (online without a key
+is offline, with a warning), it waits on the network at most logger.init_timeout + logger.finish_timeout seconds, and
+any failure of it turns it off with one warning instead of stopping the run.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ COLUMNS = ("step", "split", "loss", "acc", "bpc", "error", "grad_norm", "lr", "e
 class MetricsCSV:
     """`metrics.csv`: one row per logged event, flushed at every write so a killed run loses nothing written."""
 
-    def __init__(self, path: Path, keep_through_step: int | None = None) -> None:
-        """Open for appending; with `keep_through_step`, first drop rows after that step (a resumed run redoes them)."""
+    def __init__(self, path: Path, keep_through_step: int | None = None, drop_splits_starting: str | None = None
+                 ) -> None:
+        """Open for appending; with `keep_through_step`, first drop rows after that step (a resumed run redoes them)
+        and rows whose split starts with `drop_splits_starting` (the test a resumed run repeats at its end)."""
         self.path = path
         rows = []
         if keep_through_step is not None and path.exists():
             with path.open(newline="") as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= keep_through_step]
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= keep_through_step
+                        and not (drop_splits_starting and row["split"].startswith(drop_splits_starting))]
         self._rewrite(rows)
         self.handle = path.open("a", newline="")
         self.writer = csv.DictWriter(self.handle, fieldnames=COLUMNS, extrasaction="ignore")
@@ -58,25 +62,40 @@ def _format(value):
 def write_json(path: Path, content: dict) -> None:
     """Write atomically (temporary file, then rename): a reader never sees half a file."""
     temporary = path.with_suffix(path.suffix + ".tmp")
-    temporary.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    try:
+        temporary.write_text(json.dumps(content, indent=2, default=str) + "\n")
+    except BaseException:
+        if temporary.exists():
+            temporary.unlink()
+        raise
     os.replace(temporary, path)
 
 
-def _wandb_mode(requested: str) -> str:
-    """online / offline / disabled, decided without prompting: environment, then a stored API key, else offline."""
-    if requested != "auto":
-        return requested
-    environment = os.environ.get("WANDB_MODE")
-    if environment in ("online", "offline", "disabled"):
-        return environment
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
+def _has_wandb_key() -> bool:
+    """Whether wandb has credentials (environment, ~/.netrc, its settings), found without prompting or network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
     try:
         import wandb
 
-        return "online" if wandb.login(anonymous="never", prompt=False, verify=False) else "offline"
-    except Exception:  # no key, no terminal, anything else: offline is always safe
-        return "offline"
+        return bool(wandb.login(anonymous="never", prompt=False, verify=False))
+    except Exception:  # no key, no terminal, anything else: no key
+        return False
+
+
+def _wandb_mode(requested: str) -> str:
+    """online / offline / disabled, decided without prompting: wandb never asks for a key (it would wait forever
+    in a terminal), so online without credentials is offline with one warning."""
+    mode = requested
+    if requested == "auto":
+        mode = os.environ.get("WANDB_MODE", "")
+        if mode not in ("online", "offline", "disabled"):
+            mode = "online" if _has_wandb_key() else "offline"
+    if mode == "online" and not _has_wandb_key():
+        log.warning("logger.mode=%s but wandb has no API key here (WANDB_API_KEY or `wandb login`): logging offline; "
+                    "sync later with `wandb sync <run dir>/wandb/offline-run-*`", requested)
+        mode = "offline"
+    return mode
 
 
 class WandbRun:
@@ -105,7 +124,10 @@ class WandbRun:
                     dir=str(run_dir),
                     config=config,
                     mode=mode,
-                    settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 20)), console="off"),
+                    # Bounded at both ends: a server that never answers costs init_timeout + finish_timeout.
+                    settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout", 20)),
+                                            finish_timeout=float(logger_cfg.get("finish_timeout", 10)),
+                                            login_timeout=float(logger_cfg.get("init_timeout", 20)), console="off"),
                 )
                 self.mode = mode
                 return

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+import os
+
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from recurrent_bn.errors import ConfigError
 from recurrent_bn.layers import LSTM, RNN
 
-# Model config keys passed to the layer constructor, per cell; everything else in the file is for the trainer.
-COMMON_KEYS = (
-    "hidden_size", "num_layers", "norm", "dropout", "max_length", "gamma_init", "eps", "momentum",
-    "share_statistics_over_time", "norm_terms", "recurrent_init", "learn_initial_state", "init_state_noise",
-    "init_state_noise_mode", "backend",
-)
-LAYER_KEYS = {
-    "lstm": COMMON_KEYS + ("forget_bias", "orthogonal_init", "cell_bias"),
-    "rnn": COMMON_KEYS + ("nonlinearity", "norm_placement", "bias", "layer_activation"),
-}
+# A model config is exactly its layer's constructor arguments plus these two: `name` (the file) and `cell` (which
+# constructor). input_size comes from the task, and the tasks feed (T, B, features), so batch_first stays False.
+META_KEYS = ("name", "cell")
+LAYER_CLASSES = {"lstm": LSTM, "rnn": RNN}
+FROM_TASK = ("input_size", "batch_first")
+# Keys that conf/model/rnn.yaml inherited from lstm.yaml before the contract: no RNN ever received them, so a saved
+# config that has them (a run started before) is read without them.
+STALE_RNN_KEYS = ("forget_bias", "orthogonal_init", "cell_bias")
+PARAMETER_BUDGET = 0.5  # a model's parameters and optimizer state may take at most this share of the memory
 HEAD_INITS = ("orthogonal", "torch")
 
 
@@ -29,27 +32,67 @@ def init_head_(head: nn.Linear, how: str) -> None:
         nn.init.zeros_(head.bias)
 
 
-def layer_kwargs(model: DictConfig, input_size: int) -> dict:
-    """Constructor arguments of the recurrent layer; building it here lets its own checks judge the values."""
-    cell = model.cell
+def layer_parameters(cell: str) -> set[str]:
+    """The constructor arguments a model config of this cell holds."""
+    signature = inspect.signature(LAYER_CLASSES[cell].__init__)
+    return {name for name in signature.parameters if name not in ("self", *FROM_TASK)}
+
+
+def drop_stale_keys(model: DictConfig) -> DictConfig:
+    """A saved (resolved) RNN config from before the contract, without the LSTM-only keys it never used."""
+    if model.get("cell") == "rnn":
+        model = OmegaConf.masked_copy(model, [key for key in model if key not in STALE_RNN_KEYS])
+    return model
+
+
+def layer_kwargs(model: DictConfig, drop_stale: bool = False) -> dict:
+    """The constructor arguments in a model config; a key the layer does not take is a config error naming it
+    (`drop_stale`: except the STALE_RNN_KEYS of an RNN config saved before the contract)."""
+    cell = model.get("cell")
+    if cell not in LAYER_CLASSES:
+        raise ConfigError(f"model.cell={cell!r} is not allowed: one of {', '.join(LAYER_CLASSES)}")
     options = OmegaConf.to_container(model, resolve=True)
-    kwargs = {key: options[key] for key in LAYER_KEYS[cell] if key in options}
+    stale = STALE_RNN_KEYS if drop_stale and cell == "rnn" else ()
+    kwargs = {key: value for key, value in options.items() if key not in META_KEYS + stale}
+    unknown = sorted(set(kwargs) - layer_parameters(cell))
+    if unknown:
+        raise ConfigError(f"model.{unknown[0]} is not an argument of recurrent_bn.{LAYER_CLASSES[cell].__name__} "
+                          f"(model={options.get('name')}): remove it")
     if kwargs.get("norm_terms") is not None:
         kwargs["norm_terms"] = tuple(kwargs["norm_terms"])
-    # Build once on the meta device: cheap, and it runs every check of the constructor.
-    import torch
-
-    with torch.device("meta"):
-        make_layer(cell, input_size, kwargs)
     return kwargs
 
 
+def parameter_count(cell: str, input_size: int, output_size: int, kwargs: dict) -> int:
+    """Weights and biases of the layer and read-out (normalization parameters are O(H) and left out): a bound
+    checked before anything is allocated."""
+    hidden, layers = int(kwargs.get("hidden_size", 1)), int(kwargs.get("num_layers", 1))
+    gates = 4 if cell == "lstm" else 1
+    first = gates * hidden * (input_size + hidden + 1)
+    return first + (layers - 1) * gates * hidden * (2 * hidden + 1) + output_size * (hidden + 1)
+
+
+def _check_memory(count: int) -> None:
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    needed = count * 4 * 4  # float32 weights, gradients and two optimizer moments
+    if needed > PARAMETER_BUDGET * memory:
+        raise ConfigError(f"model.hidden_size / model.num_layers: {count:.3g} parameters need about "
+                          f"{needed / 2**30:.3g} GiB with gradients and optimizer state, more than half of this "
+                          f"machine's {memory / 2**30:.0f} GiB: choose a smaller model")
+
+
 def make_layer(cell: str, input_size: int, kwargs: dict) -> nn.Module:
+    """The layer; its own checks of the values become config errors naming the model."""
     kwargs = dict(kwargs)
     hidden_size = kwargs.pop("hidden_size")
     num_layers = kwargs.pop("num_layers")
-    layer_class = LSTM if cell == "lstm" else RNN
-    return layer_class(input_size, hidden_size, num_layers, **kwargs)
+    try:
+        return LAYER_CLASSES[cell](input_size, hidden_size, num_layers, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"model: {error}") from None
 
 
 class SequenceClassifier(nn.Module):
@@ -85,8 +128,10 @@ class CharLanguageModel(nn.Module):
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
-    """The task's network for this config (on the CPU; the trainer moves it)."""
-    kwargs = layer_kwargs(cfg.model, cfg.task.input_size)
+    """The task's network for this config (on the CPU; the trainer moves it). Bad model options, and a model too
+    large for this machine, are config errors raised before anything is allocated."""
+    kwargs = layer_kwargs(cfg.model, drop_stale=True)  # a run's saved config from before the contract builds too
+    _check_memory(parameter_count(cfg.model.cell, cfg.task.input_size, cfg.task.num_classes, kwargs))
     recurrent = make_layer(cfg.model.cell, cfg.task.input_size, kwargs)
     head_init = cfg.task.head_init
     if cfg.task.kind == "classification":

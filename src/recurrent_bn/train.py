@@ -14,11 +14,12 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from recurrent_bn.config import CONF_DIR, load_for_resume
+from recurrent_bn.config import CONF_DIR, check_added_keys, load_for_resume
 from recurrent_bn.errors import UserError
 from recurrent_bn.logs import write_json
+from recurrent_bn.run_dir import check_before_hydra, claim, record_resume, record_start
 
 log = logging.getLogger("recurrent_bn")
 
@@ -30,20 +31,40 @@ def _record_failure(run_dir: Path, status: str, error: str) -> None:
         write_json(summary, {"status": status, "error": error, "run_dir": str(run_dir)})
 
 
+def _record(run_dir: Path, cfg: DictConfig, hydra_cfg, resumed: bool) -> None:
+    """Hydra's record of the command line, written once when the run starts; a resume appends to resumes.yaml."""
+    overrides = list(hydra_cfg.overrides.task)
+    if resumed:
+        record_resume(run_dir, overrides)
+        return
+    hydra_node = OmegaConf.create({"hydra": OmegaConf.to_container(hydra_cfg, resolve=False)})
+    record_start(run_dir, {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(hydra_node),
+                           "overrides.yaml": overrides})
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from recurrent_bn.trainer import train  # after Hydra has set up logging
+    from recurrent_bn.trainer import finished_already, train  # after Hydra has set up logging
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    claimed = False
     try:
-        if cfg.resume:
-            cfg = load_for_resume(Path(cfg.resume), list(hydra_cfg.overrides.task))
-        summary = train(cfg, run_dir)
+        with claim(run_dir):
+            claimed = True
+            overrides = list(hydra_cfg.overrides.task)
+            check_added_keys(cfg, overrides)
+            resumed = bool(cfg.resume)
+            if resumed:
+                cfg = load_for_resume(Path(cfg.resume), overrides)
+            if not (resumed and finished_already(run_dir, cfg.trainer.max_steps)):  # train() says it is finished
+                _record(run_dir, cfg, hydra_cfg, resumed)
+            summary = train(cfg, run_dir)
         return summary.get("best_valid_metric")
     except UserError as error:
-        _record_failure(run_dir, "failed", str(error))
+        if claimed:  # a run directory that another process holds is left as it is
+            _record_failure(run_dir, "failed", str(error))
         print(f"error: {error}", file=sys.stderr, flush=True)
         if multirun:
             return None
@@ -56,5 +77,14 @@ def main(cfg: DictConfig) -> float | None:
         raise
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Check the run directory before Hydra creates or writes anything there, then run."""
+    problem = check_before_hydra(sys.argv[1:])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()

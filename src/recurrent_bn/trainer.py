@@ -9,12 +9,14 @@ its population statistics are re-estimated over the training set, as the paper r
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,7 @@ from recurrent_bn.logs import MetricsCSV, WandbRun, write_json
 from recurrent_bn.models import build_model
 from recurrent_bn.norm import batch_norms
 from recurrent_bn.optim import make_optimizer, make_scheduler
+from recurrent_bn.run_dir import claim, is_disk_full, remove_temporaries
 from recurrent_bn.tasks import Task
 
 log = logging.getLogger("recurrent_bn")
@@ -55,7 +58,12 @@ def pick_device(name: str) -> torch.device:
 def save_atomic(content: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     temporary = path.with_suffix(".tmp")
-    torch.save(content, temporary)
+    try:
+        torch.save(content, temporary)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
     os.replace(temporary, path)
 
 
@@ -175,18 +183,36 @@ def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
     return best is None or (value > best if higher_is_better else value < best)
 
 
-def _warn_if_paper_scale(cfg: DictConfig, seconds_per_step: float, remaining_steps: int) -> None:
-    """Say once that a run will take hours on this CPU, and point to the task's cpu_* preset."""
-    remaining = seconds_per_step * remaining_steps
-    if remaining <= PAPER_SCALE_SECONDS:
-        return
-    preset = f"experiment=cpu_{cfg.task.name}"
-    if (CONF_DIR / "experiment" / f"cpu_{cfg.task.name}.yaml").exists():
-        hint = f"for a CPU-sized run use {preset} (make train TASK={cfg.task.name} ARGS={preset})"
-    else:
-        hint = "lower trainer.max_steps or model.hidden_size for a CPU-sized run"
-    log.warning("paper-scale run on a CPU: about %.1f hours for %d more steps at %.2f s/step; %s",
-                remaining / 3600, remaining_steps, seconds_per_step, hint)
+class ScaleWarning:
+    """Say once, after a few timed steps, that a CPU run will take hours, and point to the task's cpu_* preset."""
+
+    def __init__(self, cfg: DictConfig, device: torch.device) -> None:
+        self.cfg, self.on_cpu = cfg, device.type == "cpu"
+        self.start: tuple[int, float] | None = None
+        self.done = not self.on_cpu
+
+    def tick(self, step: int, max_steps: int) -> None:
+        if self.done:
+            return
+        if self.start is None:
+            if step >= 3:
+                self.start = (step, time.time())
+            return
+        if step - self.start[0] < 10:
+            return
+        self.done = True
+        seconds_per_step = (time.time() - self.start[1]) / (step - self.start[0])
+        remaining = seconds_per_step * (max_steps - step)
+        if remaining <= PAPER_SCALE_SECONDS:
+            return
+        task = self.cfg.task.name
+        preset = f"experiment=cpu_{task}"
+        if (CONF_DIR / "experiment" / f"cpu_{task}.yaml").exists():
+            hint = f"for a CPU-sized run use {preset} (make train TASK={task} ARGS={preset})"
+        else:
+            hint = "lower trainer.max_steps or model.hidden_size for a CPU-sized run"
+        log.warning("paper-scale run on a CPU: about %.1f hours for %d more steps at %.2f s/step; %s",
+                    remaining / 3600, max_steps - step, seconds_per_step, hint)
 
 
 def check_compile(compile_mode, steps: int) -> None:
@@ -198,14 +224,32 @@ def check_compile(compile_mode, steps: int) -> None:
         )
 
 
-def train(cfg: DictConfig, run_dir: Path) -> dict:
-    """Train (or, with `cfg.resume`, continue) one run in `run_dir`; return its summary (also in summary.json)."""
-    validate(cfg)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    trainer_cfg = cfg.trainer
+@dataclass
+class Progress:
+    """Where a run is, carried by last.pt: the step, what it selected so far, its time and its wandb id."""
+
+    step: int = 0
+    best: float | None = None  # the selected quantity (`select_by`) at best.pt
+    best_metric: float | None = None  # the task metric at best.pt
+    best_step: int | None = None
+    elapsed_before: float = 0.0
+    wandb_id: str | None = None
+    saved_step: int | None = None  # the step of the last.pt on disk, for messages after a failure
+
+
+@dataclass
+class Parts:
+    """What a training step changes, saved and restored together."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    task: Task
+    window: Window
+
+
+def set_up_runtime(trainer_cfg: DictConfig) -> torch.device:
     device = pick_device(str(trainer_cfg.device))
-    check_compile(trainer_cfg.compile, int(cfg.task.steps))
     if trainer_cfg.threads:
         torch.set_num_threads(trainer_cfg.threads)
     if device.type == "cpu":
@@ -216,11 +260,141 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         from recurrent_bn.malloc import tune_malloc
 
         tune_malloc()
+    return device
+
+
+def load_task(cfg: DictConfig, device: torch.device) -> Task:
+    """The task's data; a value the data cannot serve (a batch larger than a split) is a config error."""
+    try:
+        return Task(cfg.task, device, seed=cfg.seed, data_root=cfg.data.root, verify=cfg.data.verify)
+    except PermissionError as error:
+        raise UserError(f"cannot read {error.filename}: permission denied; make it readable, or set data.root "
+                        "(or $RBN_DATA_ROOT) to a copy you can read") from None
+    except ValueError as error:
+        message = str(error)
+        raise ConfigError(f"task.{message}" if "=" in message.split(" ", 1)[0] else f"task: {message}") from None
+
+
+def save_checkpoint(path: Path, parts: Parts, progress: Progress, elapsed: float, cfg: DictConfig) -> None:
+    save_atomic({
+        "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(), "data": parts.task.train.state_dict(),
+        "window": parts.window.state_dict(), "rng": _rng_state(), "step": progress.step, "best": progress.best,
+        "best_metric": progress.best_metric, "best_step": progress.best_step, "elapsed_s": elapsed,
+        "wandb_id": progress.wandb_id, "config": OmegaConf.to_yaml(cfg, resolve=True),
+    }, path)
+    progress.saved_step = progress.step
+
+
+def load_checkpoint(path: Path, parts: Parts, device: torch.device, progress: Progress) -> None:
+    """Restore `parts` and `progress` from last.pt; a file that is not a checkpoint of this run is one line, not a
+    traceback."""
+    try:
+        checkpoint = torch.load(path, map_location=device, weights_only=True)
+        parts.model.load_state_dict(checkpoint["model"])
+        parts.optimizer.load_state_dict(checkpoint["optimizer"])
+        parts.scheduler.load_state_dict(checkpoint["scheduler"])
+        parts.task.train.load_state_dict(checkpoint["data"])
+        parts.window.load_state_dict(checkpoint["window"])
+        _set_rng_state(checkpoint["rng"])
+    except Exception as error:  # noqa: BLE001 - truncated, foreign or crafted files all end the same way
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UserError(f"{path} is not a readable checkpoint of this run ({type(error).__name__}: {first[:200]}); "
+                        "restore it from a copy, or start a new run") from None
+    progress.step = progress.saved_step = int(checkpoint["step"])
+    progress.best, progress.best_step = checkpoint["best"], checkpoint["best_step"]
+    progress.best_metric = checkpoint.get("best_metric", checkpoint["best"])
+    progress.elapsed_before, progress.wandb_id = float(checkpoint["elapsed_s"]), checkpoint.get("wandb_id")
+
+
+def write_run_files(cfg: DictConfig, run_dir: Path, task: Task) -> None:
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if task.order is not None:
+        write_json(run_dir / "pixel_order.json", {"permutation": cfg.task.permutation, "order": task.order.tolist()})
+
+
+def first_summary(cfg: DictConfig, run_dir: Path, task: Task, device: torch.device, progress: Progress,
+                  select_key: str, config_dict: dict) -> dict:
+    return {
+        "status": "running", "task": cfg.task.name, "model": cfg.model.name, "metric": task.metric,
+        "selected_by": select_key, "valid_statistics": cfg.trainer.valid_statistics,
+        "best_valid_metric": progress.best_metric, "best_valid_selected": progress.best,
+        "best_step": progress.best_step, "test_metric": None, "steps": progress.step,
+        "device": str(device), "torch_version": torch.__version__, "recurrent_bn_version": __version__,
+        "git_commit": git_commit(), "run_dir": str(run_dir), "config": config_dict,
+    }
+
+
+def finished_already(run_dir: Path, max_steps: int) -> dict | None:
+    """The summary of a completed run that a resume would not extend (nothing to do), else None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if summary.get("status") == "completed" and int(summary.get("steps") or 0) >= max_steps:
+        return summary
+    return None
+
+
+def check_finite(window: Window, step: int, run_dir: Path, progress: Progress, checkpoint_every: int) -> list[float]:
+    values = window.values()
+    if not all(math.isfinite(v) for v in values):
+        first = step - window.steps + 1
+        where = f"at step {step}" if first == step else f"between steps {first} and {step}"
+        if progress.saved_step is not None:
+            kept = f"{run_dir / 'last.pt'} (step {progress.saved_step}) holds the last good checkpoint"
+        else:
+            kept = f"no checkpoint was written yet (the first was due at step {checkpoint_every})"
+        raise Diverged(f"loss or gradient became non-finite {where}; {kept}: try a smaller optim.lr or "
+                       "trainer.clip_grad_norm")
+    return values
+
+
+def train_row(task: Task, window: Window, step: int, lr: float, elapsed: float) -> dict:
+    loss_sum, metric_sum, grad_sum = window.values()
+    return {"step": step, "split": "train", **task.summarize(loss_sum, metric_sum, window.count),
+            "grad_norm": grad_sum / window.steps, "lr": lr, "elapsed_s": elapsed,
+            "seq_per_s": window.sequences / max(window.seconds, 1e-9)}
+
+
+def disk_full_message(run_dir: Path, progress: Progress) -> str:
+    kept = (f"last.pt of step {progress.saved_step}" if progress.saved_step is not None else "no checkpoint yet")
+    return (f"the disk holding {run_dir} is full (stopped at step {progress.step}); kept: {kept}, metrics.csv as far "
+            f"as written; free space (or copy the directory to a larger disk), then: "
+            f"python -m recurrent_bn.train resume={run_dir}")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train (or, with `cfg.resume`, continue) one run in `run_dir`; return its summary (also in summary.json)."""
+    validate(cfg)
+    check_compile(cfg.trainer.compile, int(cfg.task.steps))
+    run_dir = Path(run_dir)
+    with claim(run_dir):
+        last_path = run_dir / "last.pt"
+        resumed = bool(cfg.resume) and last_path.exists()
+        done = finished_already(run_dir, cfg.trainer.max_steps) if resumed else None
+        if done is not None:
+            log.warning("%s is finished (step %s of trainer.max_steps=%d); nothing to do. To train it further, "
+                        "resume with a larger trainer.max_steps", run_dir, done.get("steps"), cfg.trainer.max_steps)
+            return done
+        progress = Progress()
+        try:
+            return _train(cfg, run_dir, resumed, progress)
+        except OSError as error:
+            if not is_disk_full(error):
+                raise
+            remove_temporaries(run_dir)
+            raise UserError(disk_full_message(run_dir, progress)) from None
+
+
+def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) -> dict:
+    trainer_cfg = cfg.trainer
+    device = set_up_runtime(trainer_cfg)
     torch.manual_seed(cfg.seed)
-    task = Task(cfg.task, device, seed=cfg.seed, data_root=cfg.data.root, verify=cfg.data.verify)
-    model = build_model(cfg).to(device)
+    model = build_model(cfg).to(device)  # before the data: a bad or oversized model stops at once
+    task = load_task(cfg, device)
     optimizer = make_optimizer(cfg.optim, model.parameters())
-    scheduler = make_scheduler(cfg.optim, optimizer, trainer_cfg.max_steps)
+    parts = Parts(model, optimizer, make_scheduler(cfg.optim, optimizer, trainer_cfg.max_steps), task, Window(device))
     amp = trainer_cfg.amp in (True, "bf16")
     if amp and device.type != "cuda":
         log.warning("trainer.amp is for CUDA devices; running in float32 on %s", device)
@@ -228,143 +402,94 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     step_model = model
     if trainer_cfg.compile:
         step_model = torch.compile(model, mode=None if trainer_cfg.compile == "default" else trainer_cfg.compile)
-
     # The checkpoint kept for the test: the best task metric, or the lowest error rate (the authors' choice).
     select_key = task.metric if trainer_cfg.select_by == "metric" else "error"
     higher_is_better = task.higher_is_better and select_key == task.metric
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    step, best, best_step, elapsed_before, wandb_id = 0, None, None, 0.0, None
-    best_metric = None  # the task metric at the selected checkpoint (`best` is the selected quantity)
-    window = Window(device)
-    resumed = bool(cfg.resume) and last_path.exists()
     if resumed:
-        checkpoint = torch.load(last_path, map_location=device, weights_only=True)
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        task.train.load_state_dict(checkpoint["data"])
-        window.load_state_dict(checkpoint["window"])
-        _set_rng_state(checkpoint["rng"])
-        step, best, best_step = int(checkpoint["step"]), checkpoint["best"], checkpoint["best_step"]
-        best_metric = checkpoint.get("best_metric", best)
-        elapsed_before, wandb_id = float(checkpoint["elapsed_s"]), checkpoint.get("wandb_id")
-        log.info("resuming %s at step %d", run_dir, step)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if task.order is not None:
-        write_json(run_dir / "pixel_order.json", {"permutation": cfg.task.permutation,
-                                                  "order": task.order.tolist()})
+        load_checkpoint(last_path, parts, device, progress)
+        log.info("resuming %s at step %d", run_dir, progress.step)
+    write_run_files(cfg, run_dir, task)
 
-    metrics = MetricsCSV(run_dir / "metrics.csv", keep_through_step=step if cfg.resume else None)
-    name = f"{cfg.task.name}-{cfg.model.name}-{run_dir.name}"
+    # A resume redoes the steps after its checkpoint, and the test at the end: their old rows go.
+    metrics = MetricsCSV(run_dir / "metrics.csv", keep_through_step=progress.step if cfg.resume else None,
+                         drop_splits_starting="test")
     config_dict = OmegaConf.to_container(cfg, resolve=True)
-    wandb_run = WandbRun(cfg.logger, config_dict, run_dir, name, run_id=wandb_id)
-    summary = {
-        "status": "running", "task": cfg.task.name, "model": cfg.model.name, "metric": task.metric,
-        "selected_by": select_key, "valid_statistics": trainer_cfg.valid_statistics,
-        "best_valid_metric": best_metric, "best_valid_selected": best, "best_step": best_step, "test_metric": None,
-        "steps": step,
-        "device": str(device), "torch_version": torch.__version__, "recurrent_bn_version": __version__,
-        "git_commit": git_commit(), "run_dir": str(run_dir), "config": config_dict,
-    }
+    wandb_run = WandbRun(cfg.logger, config_dict, run_dir, f"{cfg.task.name}-{cfg.model.name}-{run_dir.name}",
+                         run_id=progress.wandb_id)
+    progress.wandb_id = wandb_run.id
+    summary = first_summary(cfg, run_dir, task, device, progress, select_key, config_dict)
     session_start = time.time()
-    timing_start: tuple[int, float] | None = None
-    warned_scale = False
 
     def elapsed() -> float:
-        return elapsed_before + time.time() - session_start
+        return progress.elapsed_before + time.time() - session_start
 
     def write(row: dict) -> None:
         metrics.write(row)
         wandb_run.log(row)
 
-    def check_finite() -> list[float]:
-        values = window.values()
-        if not all(math.isfinite(v) for v in values):
-            first = step - window.steps + 1
-            where = f"at step {step}" if first == step else f"between steps {first} and {step}"
-            raise Diverged(
-                f"loss or gradient became non-finite {where}; {last_path} "
-                "holds the last good checkpoint: try a smaller optim.lr or trainer.clip_grad_norm"
-            )
-        return values
-
-    def checkpoint_now() -> None:
-        check_finite()
-        save_atomic({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "data": task.train.state_dict(), "window": window.state_dict(), "rng": _rng_state(), "step": step,
-            "best": best, "best_metric": best_metric, "best_step": best_step, "elapsed_s": elapsed(),
-            "wandb_id": wandb_run.id,
-            "config": OmegaConf.to_yaml(cfg, resolve=True),
-        }, last_path)
-
     status, error = "completed", None
-    progress = tqdm(total=trainer_cfg.max_steps, initial=step, disable=None, unit="step", dynamic_ncols=True,
-                    desc=f"{cfg.task.name}/{cfg.model.name}")
+    bar = tqdm(total=trainer_cfg.max_steps, initial=progress.step, disable=None, unit="step", dynamic_ncols=True,
+               desc=f"{cfg.task.name}/{cfg.model.name}")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+    timer = ScaleWarning(cfg, device)
     model.train()
     try:
         with StopSignal() as stop:
             window_clock = time.time()
-            while step < trainer_cfg.max_steps:
+            while progress.step < trainer_cfg.max_steps:
+                # the step
                 x, y = task.train.next()
                 with autocast:
                     loss, metric, count = task.loss(step_model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), trainer_cfg.clip_grad_norm or float("inf")
-                )
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                           trainer_cfg.clip_grad_norm or float("inf"))
                 optimizer.step()
-                scheduler.step()
-                step += 1
-                window.add(loss, metric, grad_norm, count, x.shape[1])
-                progress.update(1)
+                parts.scheduler.step()
+                progress.step += 1
+                step, last_step = progress.step, progress.step == trainer_cfg.max_steps
+                parts.window.add(loss, metric, grad_norm, count, x.shape[1])
+                bar.update(1)
+                timer.tick(step, trainer_cfg.max_steps)
 
-                if step % trainer_cfg.log_every == 0 or step == trainer_cfg.max_steps:
-                    loss_sum, metric_sum, grad_sum = check_finite()
-                    window.seconds += time.time() - window_clock
-                    row = {"step": step, "split": "train", **task.summarize(loss_sum, metric_sum, window.count),
-                           "grad_norm": grad_sum / window.steps, "lr": scheduler.get_last_lr()[0],
-                           "elapsed_s": elapsed(), "seq_per_s": window.sequences / max(window.seconds, 1e-9)}
+                # a train row
+                if step % trainer_cfg.log_every == 0 or last_step:
+                    check_finite(parts.window, step, run_dir, progress, trainer_cfg.checkpoint_every)
+                    parts.window.seconds += time.time() - window_clock
+                    row = train_row(task, parts.window, step, parts.scheduler.get_last_lr()[0], elapsed())
                     write(row)
-                    progress.set_postfix(loss=f"{row['loss']:.4f}", **{task.metric: f"{row[task.metric]:.4f}"},
-                                         seq_s=f"{row['seq_per_s']:.0f}")
-                    window = Window(device)
-                    window_clock = time.time()
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", **{task.metric: f"{row[task.metric]:.4f}"},
+                                    seq_s=f"{row['seq_per_s']:.0f}")
+                    parts.window, window_clock = Window(device), time.time()
 
-                if timing_start is None and step >= 3:
-                    timing_start = (step, time.time())
-                elif not warned_scale and timing_start and step - timing_start[0] >= 10:
-                    warned_scale = True
-                    seconds_per_step = (time.time() - timing_start[1]) / (step - timing_start[0])
-                    if device.type == "cpu":
-                        _warn_if_paper_scale(cfg, seconds_per_step, trainer_cfg.max_steps - step)
-
-                if step % trainer_cfg.eval_every == 0 or step == trainer_cfg.max_steps:
+                # validation, and best.pt when the selected quantity improves
+                if step % trainer_cfg.eval_every == 0 or last_step:
                     eval_start = time.time()
                     with autocast:
                         result = validate_once(task, model, trainer_cfg)
                     write({"step": step, "split": "valid", **result, "elapsed_s": elapsed()})
                     log.info("step %d | valid loss %.4f %s %.4f error %.4f | %.0f s", step, result["loss"],
                              task.metric, result[task.metric], result["error"], elapsed())
-                    selected = result[select_key]
-                    if _improved(selected, best, higher_is_better):
-                        best, best_step, best_metric = selected, step, result[task.metric]
-                        save_atomic({"model": model.state_dict(), "step": step, "metric": best}, best_path)
-                    summary.update(best_valid_metric=best_metric, best_valid_selected=best, best_step=best_step,
-                                   steps=step)
+                    if _improved(result[select_key], progress.best, higher_is_better):
+                        progress.best, progress.best_step = result[select_key], step
+                        progress.best_metric = result[task.metric]
+                        save_atomic({"model": model.state_dict(), "step": step, "metric": progress.best}, best_path)
+                    summary.update(best_valid_metric=progress.best_metric, best_valid_selected=progress.best,
+                                   best_step=progress.best_step, steps=step)
                     window_clock += time.time() - eval_start  # throughput counts training time only
 
-                if stop.requested or step % trainer_cfg.checkpoint_every == 0 or step == trainer_cfg.max_steps:
-                    checkpoint_now()
+                # last.pt, and a clean stop on SIGTERM/SIGINT
+                if stop.requested or step % trainer_cfg.checkpoint_every == 0 or last_step:
+                    check_finite(parts.window, step, run_dir, progress, trainer_cfg.checkpoint_every)
+                    save_checkpoint(last_path, parts, progress, elapsed(), cfg)
                 if stop.requested:
                     status = "interrupted"
                     log.warning("%s: stopped at step %d; continue with: python -m recurrent_bn.train resume=%s",
                                 stop.requested, step, run_dir)
                     break
-        progress.close()
-        summary["steps"] = step
+        bar.close()
         if status == "completed" and trainer_cfg.final_test:
             summary.update(final_test(cfg, task, model, best_path, run_dir, write, autocast))
     except Diverged as diverged:
@@ -372,14 +497,27 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise
     except BaseException as failure:
         status, error = "failed", f"{type(failure).__name__}: {failure}"
+        if is_disk_full(failure):
+            error = disk_full_message(run_dir, progress)
         raise
     finally:
-        progress.close()
-        metrics.close()
-        summary.update(status=status, error=error, steps=step, wall_time_s=elapsed())
-        write_json(run_dir / "summary.json", summary)
-        wandb_run.finish(summary, exit_code=0 if status in ("completed", "interrupted") else 1)
+        bar.close()
+        summary.update(status=status, error=error, steps=progress.step, wall_time_s=elapsed())
+        close_records(run_dir, metrics, wandb_run, summary, status)
     return summary
+
+
+def close_records(run_dir: Path, metrics: MetricsCSV, wandb_run: WandbRun, summary: dict, status: str) -> None:
+    """Close metrics.csv, write summary.json and finish wandb, each on its own: one failing (a full disk) neither
+    hides the others nor the error that ended the run."""
+    with contextlib.suppress(OSError):
+        metrics.close()
+    try:
+        write_json(run_dir / "summary.json", summary)
+    except OSError as error:
+        remove_temporaries(run_dir)
+        log.error("summary.json could not be written (%s)", error.strerror or error)
+    wandb_run.finish(summary, exit_code=0 if status in ("completed", "interrupted") else 1)
 
 
 def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: Path, run_dir: Path, write,
