@@ -9,7 +9,7 @@ ARGS ?=
 GAMMAS ?= 0.1,0.3,0.5,0.7,1.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep-gamma data bench figures test test-slow lint clean
+.PHONY: help install train sweep-gamma data bench bench-gpu gpu-kernels figures test test-slow lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,12 @@ data: $(STAMP) ## download what is missing into the data root and verify every f
 bench: $(STAMP) ## time the layers against torch.nn.LSTM, then the trainer end to end; results/bench*.csv
 	$(PY) scripts/bench.py $(ARGS)
 	$(PY) scripts/bench_trainer.py
+
+bench-gpu: $(STAMP) ## GPU: cuDNN vs the Triton and reference paths at the paper's shapes; results/bench_gpu.csv
+	$(PY) scripts/bench_gpu.py $(ARGS)
+
+gpu-kernels: $(STAMP) ## compile the Triton kernels for sm_80/sm_90 (no GPU needed): registers, shared memory, spills
+	$(PY) scripts/gpu_kernels.py
 
 figures: $(STAMP) ## draw every figure into results/figures/ from the stored results
 	$(PY) scripts/make_figures.py

@@ -287,3 +287,13 @@ def test_make_train_runs_as_the_readme_says(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_compile_is_refused_for_long_sequences_in_one_line(tmp_path, make_cfg):
+    from recurrent_bn.trainer import COMPILE_MAX_STEPS, check_compile
+
+    check_compile(False, 784)
+    check_compile("default", COMPILE_MAX_STEPS)
+    with pytest.raises(ConfigError, match="set trainer.compile=false") as error:
+        train(make_cfg("task=pmnist", "model=bn_lstm", "trainer.compile=default"), tmp_path)
+    assert "\n" not in str(error.value) and "784" in str(error.value)

@@ -24,7 +24,7 @@ NONLINEARITIES = ("tanh", "relu", "identity")
 RECURRENT_INITS = ("orthogonal", "identity")
 ORTHOGONAL_SCOPES = ("joint", "per_gate")
 NOISE_MODES = ("training", "authors")
-BACKENDS = ("auto", "reference", "fused")
+BACKENDS = ("auto", "reference", "fused", "triton")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -329,7 +329,10 @@ class _RecurrentStack(nn.Module):
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
         return output
 
-    def _use_fused(self) -> bool:
+    def _use_fused(self, x: Tensor) -> bool:
+        # Only CPU tensors can use the fused kernels: never build the extension for a GPU run.
+        if x.device.type != "cpu" or self.backend == "triton":
+            return False
         return recurrence.use_fused(self.backend)
 
     def forward(
@@ -455,7 +458,10 @@ class LSTM(_RecurrentStack):
         init_state_noise: std of Gaussian noise added to the initial state (the paper uses 0.1 on sequential MNIST).
         init_state_noise_mode: "training" (h_0 and c_0, training-mode forwards only) or "authors" (h_0 only, in
             every forward: the authors' training, statistics-estimation and test graphs all add it).
-        backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels) or "auto".
+        backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels, CPU tensors),
+            "triton" (one fused Triton kernel per timestep, `triton_lstm.py`: CUDA tensors in float32, bf16 through
+            autocast; CPU tensors only under TRITON_INTERPRET=1, for tests) or "auto" (triton on float32 CUDA
+            tensors, fused on CPU tensors, otherwise the reference loop).
         bidirectional: a second direction per layer (`*_reverse` parameters, torch's names) that reads each
             sequence's valid part backwards and leaves the padding in place (the paper's reversal): with lengths,
             its step t reads x[lengths[b] - 1 - t, b], and its outputs are put back at the positions read. Each
@@ -517,8 +523,29 @@ class LSTM(_RecurrentStack):
         if self.learn_initial_state:
             nn.init.zeros_(self.initial_state)
 
+    def _uses_triton(self, x: Tensor) -> bool:
+        """Whether this layer's loop runs on the Triton kernels: backend "triton" (which raises with one line when
+        they cannot run on x), or "auto" on a float32 CUDA tensor."""
+        if self.backend not in ("triton", "auto") or (self.backend == "auto" and x.device.type != "cuda"):
+            return False
+        from recurrent_bn import triton_lstm
+
+        if self.backend == "triton":
+            triton_lstm.check(x)
+            return True
+        return triton_lstm.covers(x)
+
     def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
+        if self._uses_triton(x):
+            from recurrent_bn import triton_lstm
+
+            output, h, c = triton_lstm.lstm(
+                x, getattr(self, f"weight_ih_{name}"), state[0], state[1], getattr(self, f"weight_hh_{name}"),
+                getattr(self, f"norm_ih_{name}", None), _bias(self, f"_{name}"), getattr(self, f"norm_hh_{name}", None),
+                getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None)), mask, start_step,
+            )
+            return output, (h, c)
         # The loop computes the input term norm_ih(W_x x) + b (the fused kernels in the same pass as the gates).
         output, h, c = recurrence.lstm(
             x,
@@ -529,7 +556,7 @@ class LSTM(_RecurrentStack):
             getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None)),
             mask,
             start_step,
-            fused=self._use_fused(),
+            fused=self._use_fused(x),
             weight_ih=getattr(self, f"weight_ih_{name}"),
             norm_ih=getattr(self, f"norm_ih_{name}", None),
             bias=_bias(self, f"_{name}"),
@@ -561,6 +588,8 @@ class RNN(_RecurrentStack):
     it (never after the last). With `nonlinearity="identity"` and batch norm this keeps every recurrence free of a
     nonlinearity and puts one between the recurrences, as modern linear recurrences do: the network is then no
     longer an affine map of its input at test time.
+
+    The RNN has no fused or Triton kernels: every backend runs the reference loop.
     """
 
     state_count = 1
@@ -640,7 +669,7 @@ class RNN(_RecurrentStack):
             self.nonlinearity,
             mask,
             start_step,
-            fused=self._use_fused(),
+            fused=self._use_fused(x),
         )
         return output, (h,)
 

@@ -37,6 +37,9 @@ from recurrent_bn.tasks import Task
 log = logging.getLogger("recurrent_bn")
 
 PAPER_SCALE_SECONDS = 3600  # a CPU run estimated to take longer than this gets pointed to the cpu_* preset
+# torch.compile unrolls the whole time loop: its cold compile took 27 / 41 / 85 s at T = 10 / 20 / 40 here, growing
+# faster than linearly (public reports: about five hours at T = 1500). Longer sequences are refused.
+COMPILE_MAX_STEPS = 64
 
 
 class Diverged(UserError):
@@ -231,6 +234,15 @@ class ScaleWarning:
                     remaining / 3600, max_steps - step, seconds_per_step, hint)
 
 
+def check_compile(compile_mode, steps: int) -> None:
+    """Refuse `trainer.compile` for sequences it would spend hours compiling, in one line."""
+    if compile_mode and steps > COMPILE_MAX_STEPS:
+        raise ConfigError(
+            f"trainer.compile unrolls all {steps} timesteps and would compile for a very long time (85 s at T = 40); "
+            f"it is allowed up to {COMPILE_MAX_STEPS} steps: set trainer.compile=false"
+        )
+
+
 @dataclass
 class Progress:
     """Where a run is, carried by last.pt: the step, what it selected so far, its time and its wandb id."""
@@ -374,6 +386,7 @@ def disk_full_message(run_dir: Path, progress: Progress) -> str:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train (or, with `cfg.resume`, continue) one run in `run_dir`; return its summary (also in summary.json)."""
     validate(cfg)
+    check_compile(cfg.trainer.compile, int(cfg.task.steps))
     run_dir = Path(run_dir)
     with claim(run_dir):
         last_path = run_dir / "last.pt"

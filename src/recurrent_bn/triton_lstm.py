@@ -1,0 +1,272 @@
+"""The Triton path of the LSTM layers (`backend="triton"`, and `"auto"` on CUDA tensors).
+
+Shaped like the fused CPU path (`fused.py`): the input term `norm_ih(W_x x) + b` of every timestep is one matrix
+product and one vectorized normalization (the same module calls as the reference, so its population statistics are
+updated the same way); then one autograd function runs the loop over time. Per timestep forward: one matrix product
+`W_h h_{t-1}` and one fused kernel (`triton_kernels.py`: the recurrent term's statistics, its normalization, the
+input term and bias, the gates, the cell update, the cell's normalization and h). Per timestep backward: one fused
+kernel and one matrix product (`dh_{t-1} = keep + dr_t W_h`); `dW_h` is one matrix product after the loop, and the
+γ/β (or per-timestep scale/shift) gradients are vectorized reductions after it. In evaluation the batch norms'
+population statistics are folded into per-timestep scales and shifts before the loop. The batch statistics the
+kernels compute update the population statistics after the loop, with the calls the reference makes.
+
+Under CUDA autocast the loop runs in float32 (`custom_fwd(cast_inputs=float32)`): the input product is in the autocast
+dtype, the statistics, states and per-step products are float32.
+
+On the CPU the kernels only run under Triton's interpreter, `TRITON_INTERPRET=1` set before this module is first
+imported (for tests: slow, one program after another).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, example_count
+
+# How a term is normalized; the kernels use the same numbers.
+NONE, BATCH, AFFINE, LAYER = 0, 1, 2, 3
+INTERPRET_ENV = "TRITON_INTERPRET"
+# Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
+INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
+
+try:
+    import triton
+
+    from recurrent_bn import triton_kernels as kernels
+
+    _import_error: str | None = None
+except ImportError as error:  # e.g. macOS wheels of torch come without triton
+    triton = None
+    kernels = None
+    _import_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def unusable_reason(x: Tensor) -> str | None:
+    """Why the Triton path cannot run on tensors like `x`, in one line, or None."""
+    if _import_error is not None:
+        return f"backend='triton' needs triton, which cannot be imported ({_import_error}); use backend='reference'"
+    if x.device.type == "cuda":
+        if x.dtype != torch.float32:
+            return (f"backend='triton' on a GPU takes float32 parameters and inputs (bf16 through autocast), got "
+                    f"{x.dtype}; use backend='reference'")
+        return None
+    if x.device.type == "cpu":
+        if not INTERPRETED:
+            return (f"backend='triton' on CPU tensors needs {INTERPRET_ENV}=1 in the environment before recurrent_bn "
+                    "is imported (Triton's slow interpreter, for tests); on the CPU use backend='fused' or 'auto'")
+        if x.dtype not in (torch.float32, torch.float64):
+            return f"backend='triton' under the interpreter takes float32 or float64, got {x.dtype}"
+        return None
+    return f"backend='triton' runs on CUDA tensors (or CPU ones under {INTERPRET_ENV}=1), not on {x.device.type}"
+
+
+def covers(x: Tensor) -> bool:
+    """Whether `backend="auto"` takes the Triton path for `x`: a CUDA tensor the kernels take."""
+    return x.device.type == "cuda" and unusable_reason(x) is None
+
+
+def check(x: Tensor) -> None:
+    """Raise with one line if the Triton path cannot run on tensors like `x`."""
+    reason = unusable_reason(x)
+    if reason is not None:
+        raise RuntimeError(reason)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def layout(kinds: tuple[int, int]) -> str:
+    """"rows" when a term is layer-normalized (its statistics are over a row), otherwise "columns"."""
+    return "rows" if LAYER in kinds else "columns"
+
+
+def launch_config(batch: int, hidden: int, rows: bool) -> dict:
+    """Block sizes, grid and warps of one timestep's kernels (`scripts/gpu_kernels.py` compiles these).
+
+    Columns: the whole batch in one tile and about 1024 elements per gate tile (BLOCK_H = 8 at batch 128, which
+    ptxas compiles without spills for sm_90). Rows: one program per batch row, blocks of up to 256 hidden units.
+    """
+    if rows:
+        block_h = min(_next_power_of_2(hidden), 256)
+        return {"blocks": {"BLOCK_H": block_h}, "grid": (batch,), "num_warps": 4 if block_h >= 128 else 1}
+    block_b = _next_power_of_2(batch)
+    block_h = max(1, min(_next_power_of_2(hidden), 1024 // block_b))
+    return {"blocks": {"BLOCK_B": block_b, "BLOCK_H": block_h}, "grid": (-(-hidden // block_h),), "num_warps": 4}
+
+
+def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, float, list[Tensor | None]]:
+    """(kind, eps, [gamma, beta, scale, shift]) of one term in the loop; None where absent."""
+    if module is None:
+        return NONE, 0.0, [None] * 4
+    if isinstance(module, RecurrentLayerNorm):
+        return LAYER, module.eps, [module.weight, module.bias, None, None]
+    if isinstance(module, CellShift):
+        # x + β is the affine map with scale 1 and shift β at every timestep.
+        shift = module.bias.expand(steps, -1).contiguous()
+        return AFFINE, 0.0, [None, None, torch.ones_like(shift), shift]
+    if not isinstance(module, RecurrentBatchNorm):
+        raise TypeError(f"unsupported normalization module {type(module).__name__}")
+    if not module.training:
+        scale, shift = module.affine(*module.population_statistics(start_step, steps))
+        return AFFINE, 0.0, [None, None, scale.contiguous(), shift.contiguous()]
+    # In the loop the statistics are per timestep even when the population slots are shared (StepNorm).
+    return BATCH, module.eps, [module.weight, module.bias, None, None]
+
+
+def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor,
+             recurrent: list[Tensor | None], cell: list[Tensor | None]) -> dict:
+    steps, batch, gates_size = x.shape
+    hidden = gates_size // 4
+    kr, kc = config["kinds"]
+    new = x.new_empty
+    dummy = new(1)
+    h = new(steps + 1, batch, hidden)
+    c = new(steps + 1, batch, hidden)
+    h[0], c[0] = h0, c0
+    saved = {
+        "h": h, "c": c, "out": new(steps, batch, hidden), "gates": new(steps, batch, gates_size),
+        "rs": new(steps, batch, gates_size) if kr != NONE else dummy, "cs": new(steps, batch, hidden),
+    }
+    for name, kind, size in (("r", kr, gates_size), ("c", kc, hidden)):
+        shape = {BATCH: (steps, size), LAYER: (steps, batch)}.get(kind)
+        saved[f"{name}mean"] = dummy if shape is None else new(shape)
+        saved[f"{name}var"] = dummy if shape is None else new(shape)
+    rows = layout((kr, kc)) == "rows"
+    launch = launch_config(batch, hidden, rows)
+    kernel = kernels.lstm_step_forward_rows if rows else kernels.lstm_step_forward_columns
+    kernel = kernel[launch["grid"]]
+    params = [dummy if p is None else p for p in (*recurrent, *cell)]
+    weight_hh_t = weight_hh.t()
+    r = new(batch, gates_size)
+    for step in range(steps):
+        torch.mm(h[step], weight_hh_t, out=r)
+        kernel(
+            step, batch, hidden, r, x, h, c, saved["out"], saved["gates"], saved["rs"], saved["cs"], mask,
+            *params[:4], saved["rmean"], saved["rvar"], *params[4:], saved["cmean"], saved["cvar"], config["eps"],
+            KR=kr, KC=kc, HAS_BETA_R=recurrent[1] is not None, HAS_BETA_C=cell[1] is not None,
+            num_warps=launch["num_warps"], **launch["blocks"],
+        )
+    return saved
+
+
+class TritonLSTMFunction(torch.autograd.Function):
+    """One LSTM layer's loop over time from its input term (T, B, 4H), with a hand-written backward through time.
+
+    Inputs: `config` (kinds, eps as a tensor; the forward leaves the batch statistics in it), the input term, h0, c0,
+    W_h, the mask (T, B) as 0/1 in the working dtype, then gamma, beta, scale, shift of the recurrent and of the cell
+    term (None where absent).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
+    def forward(ctx, config, x, h0, c0, weight_hh, mask, *terms):
+        x, h0, c0, weight_hh = x.contiguous(), h0.contiguous(), c0.contiguous(), weight_hh.contiguous()
+        config["eps"] = config["eps"].to(x.dtype)
+        recurrent, cell = list(terms[:4]), list(terms[4:])
+        saved = _forward(config, x, h0, c0, weight_hh, mask, recurrent, cell)
+        config["stats"] = [(saved["rmean"], saved["rvar"]), (saved["cmean"], saved["cvar"])]
+        ctx.config = config
+        output = saved.pop("out")  # not kept on ctx: an output held by its own node would be a reference cycle
+        ctx.saved = saved
+        ctx.save_for_backward(weight_hh, mask, *terms)
+        return output, saved["h"][-1].clone(), saved["c"][-1].clone()
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, grad_h, grad_c):
+        weight_hh, mask, *terms = ctx.saved_tensors
+        saved, config = ctx.saved, ctx.config
+        kr, kc = config["kinds"]
+        gates = saved["gates"]
+        steps, batch, gates_size = gates.shape
+        hidden = gates_size // 4
+        zeros = gates.new_zeros
+        dout = zeros(steps, batch, hidden) if grad_output is None else grad_output.contiguous()
+        dh = zeros(batch, hidden) if grad_h is None else grad_h.clone(memory_format=torch.contiguous_format)
+        dc = zeros(batch, hidden) if grad_c is None else grad_c.clone(memory_format=torch.contiguous_format)
+        dc_next = torch.empty_like(dc)
+        keep = torch.empty_like(dh)
+        dgates = torch.empty_like(gates)
+        dr = torch.empty_like(gates)
+        dyc = gates.new_empty(steps, batch, hidden)
+        dummy = gates.new_empty(1)
+        rows = layout((kr, kc)) == "rows"
+        launch = launch_config(batch, hidden, rows)
+        kernel = kernels.lstm_step_backward_rows if rows else kernels.lstm_step_backward_columns
+        kernel = kernel[launch["grid"]]
+        gr, _, sr, _, gc, bc, sc, hc = [dummy if p is None else p for p in terms]
+        for step in reversed(range(steps)):
+            kernel(
+                step, batch, hidden, dh, dout, dc, dc_next, keep, gates, saved["rs"], saved["cs"], saved["c"], mask,
+                dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, hc, saved["cvar"], config["eps"],
+                KR=kr, KC=kc, HAS_BETA_C=terms[5] is not None, num_warps=launch["num_warps"], **launch["blocks"],
+            )
+            # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
+            torch.addmm(keep, dr[step], weight_hh, out=dh)
+            dc, dc_next = dc_next, dc
+        d_weight_hh = dr.reshape(-1, gates_size).t().mm(saved["h"][:-1].reshape(-1, hidden))
+        needs = ctx.needs_input_grad
+        term_grads = (_term_grads(kr, terms[:4], dgates, saved["rs"], needs[6:10])
+                      + _term_grads(kc, terms[4:], dyc, saved["cs"], needs[10:14]))
+        return (None, dgates, dh, dc, d_weight_hh, None, *term_grads)
+
+
+def _term_grads(kind: int, tensors, dy: Tensor, normalized: Tensor, needs) -> list[Tensor | None]:
+    """Gradients of gamma, beta (summed over time and batch) or scale, shift (per timestep) of one term, from the
+    gradient `dy` of its output and its input normalized without γ (`normalized`, the raw input for an affine map)."""
+    grads: list[Tensor | None] = [None] * 4
+    if kind in (BATCH, LAYER):
+        if needs[0]:
+            grads[0] = (dy * normalized).sum((0, 1))
+        if tensors[1] is not None and needs[1]:
+            grads[1] = dy.sum((0, 1))
+    elif kind == AFFINE:
+        if needs[2]:
+            grads[2] = (dy * normalized).sum(1)
+        if needs[3]:
+            grads[3] = dy.sum(1)
+    return grads
+
+
+def lstm(
+    x: Tensor,
+    weight_ih: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weight_hh: Tensor,
+    norm_ih: nn.Module | None,
+    bias: Tensor | None,
+    norm_hh: nn.Module | None,
+    norm_c: nn.Module | None,
+    mask: Tensor | None,
+    start_step: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`recurrence.lstm` on the Triton kernels, from the layer input x (T, B, I) and W_x: same results, same updates
+    of the population statistics."""
+    check(x)
+    input_term = F.linear(x, weight_ih)
+    if norm_ih is not None:
+        input_term = norm_ih(input_term, mask, start_step)
+    if bias is not None:
+        input_term = input_term + bias
+    steps, batch = x.shape[:2]
+    terms = [_term(norm_hh, steps, start_step), _term(norm_c, steps, start_step)]
+    dtype = torch.float32 if torch.is_autocast_enabled("cuda") and x.is_cuda else input_term.dtype
+    weights = torch.ones(steps, batch, dtype=dtype, device=x.device) if mask is None else mask.to(dtype)
+    config = {
+        "kinds": (terms[0][0], terms[1][0]),
+        "eps": torch.tensor([terms[0][1], terms[1][1]], dtype=torch.float64, device=x.device),
+    }
+    tensors = [t for _, _, group in terms for t in group]
+    output, h_n, c_n = TritonLSTMFunction.apply(config, input_term, h, c, weight_hh, weights.contiguous(), *tensors)
+    # The population statistics, as the reference updates them (StepNorm.finish).
+    for (kind, _, _), module, (mean, var) in zip(terms, (norm_hh, norm_c), config["stats"], strict=True):
+        if kind == BATCH:
+            module.update_population(mean, var, example_count(mask, steps, batch, mean), start_step)
+    return output, h_n, c_n
