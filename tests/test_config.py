@@ -86,7 +86,7 @@ def test_launcher_presets_compose(launcher):
     ("logger.mode=maybe", "logger.mode"),
     ("model.norm_terms=[input,hidden]", "model"),
     ("model.recurrent_init=eye", "model"),
-    ("trainer.valid_statistics=batch", "trainer.valid_statistics"),
+    ("trainer.valid_statistics=population", "trainer.valid_statistics"),
 ])
 def test_bad_values_raise_one_line_naming_the_key(override, key):
     cfg = make_cfg(override)

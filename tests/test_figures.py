@@ -237,8 +237,11 @@ def test_paper_tables_hold_the_papers_rows_and_ours(results):
     ours = table2[table2["source"] == "ours"].set_index("model")
     assert set(ours.index) == {"LSTM", "BN-LSTM"} and (ours["runs"] == 1).all()
     summaries = results.summaries_of("fig3").set_index("model")
+    # The main column is the authors' protocol (the whole split as one sequence); segments of 100 beside it.
     assert ours.loc["BN-LSTM", "ptb"] == summaries.loc["bn_lstm", "test_metric"]
-    assert ours.loc["BN-LSTM", "ptb (stream)"] == summaries.loc["bn_lstm", "test_stream_bpc"]
+    assert summaries.loc["bn_lstm", "test_metric"] == summaries.loc["bn_lstm", "test_stream_bpc"]
+    assert ours.loc["BN-LSTM", "ptb (segments of 100)"] == summaries.loc["bn_lstm", "test_len100_bpc"]
+    assert ours.loc["BN-LSTM", "ptb (segments of 100)"] != ours.loc["BN-LSTM", "ptb"]
     assert "6 steps, hidden 8" in ours.loc["BN-LSTM", "scale"]
 
     mnist = results.summaries_of("fig2").assign(task="smnist")  # relabelled in memory only
@@ -271,3 +274,21 @@ def test_make_figures_writes_every_figure_and_table(results_tree, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {f"{name}.png" for name in figures.all_figures(figures.Results(results_tree))} <= names
     assert {"table1.md", "table1.csv", "table2.md", "table3.md"} <= names
+
+
+def test_paper_points_table_reads_our_validation_at_the_papers_steps():
+    reference = pd.read_csv(figures.results_root() / "paper_reference.csv")
+    rows = [{"task": "pmnist", "model": model, "split": "valid", "step": step, "acc": acc, "bpc": np.nan,
+             "job": f"pmnist_{model}_authors_s1", "run_dir": f"r/{model}"}
+            for model, values in (("bn_lstm", {10000: 0.80, 20000: 0.90}), ("lstm", {10000: 0.70}))
+            for step, acc in values.items()]
+    rows.append({"task": "pmnist", "model": "rnn", "split": "valid", "step": 20000, "acc": 0.5, "bpc": np.nan,
+                 "job": "tanh_pmnist_rnn_s1", "run_dir": "r/rnn"})  # the tanh question's runs stay out
+    table = figures.paper_points_table(pd.DataFrame(rows), reference).set_index(["task", "model", "step"])
+    bn = table.loc[("pmnist", "bn_lstm", 20000)]
+    assert bn["ours_valid"] == 0.90 and bn["paper"] == 0.92 and bn["difference"] == pytest.approx(-0.02)
+    assert np.isnan(table.loc[("pmnist", "lstm", 20000), "ours_valid"])  # not reached yet: blank, not filled in
+    assert np.isnan(table.loc[("pmnist", "bn_lstm", 10000), "paper"])  # the paper is not read off there
+    assert table.loc[("ptb", "bn_lstm", 800), "paper"] == 1.68 and table["runs"].max() == 1
+    fig = figures.figure_paper_curves(pd.DataFrame(rows), reference)
+    assert "pmnist: pmnist_bn_lstm_authors_s1 to step 20000, pmnist_lstm_authors_s1 to step 10000" in texts_of(fig)

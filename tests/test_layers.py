@@ -556,7 +556,7 @@ def test_learned_initial_state_starts_at_zero_and_learns(backend):
 
 
 def test_identity_recurrent_init_sets_the_candidate_block():
-    m = rb.LSTM(1, 4, recurrent_init="identity")
+    m = rb.LSTM(1, 4, recurrent_init="identity", orthogonal_init="per_gate")
     assert torch.equal(m.weight_hh_l0[8:12], torch.eye(4))
     assert torch.allclose(m.weight_hh_l0[:4] @ m.weight_hh_l0[:4].T, torch.eye(4), atol=1e-6)
     assert torch.equal(m.bias_ih_l0[4:8], torch.ones(4)) and torch.equal(m.bias_hh_l0, torch.zeros(16))

@@ -24,7 +24,7 @@ def results_tree(tmp_path_factory) -> Path:
 
 def test_there_is_a_notebook_per_figure_group():
     assert [p.name for p in PATHS] == ["01_gradient_flow.ipynb", "02_mnist.ipynb", "03_language_modelling.ipynb",
-                                       "04_ablations.ipynb"]
+                                       "04_ablations.ipynb", "05_paper_scale.ipynb"]
 
 
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])

@@ -640,13 +640,14 @@ def load_runs(root: Path) -> pd.DataFrame:
 
 def load_summaries(root: Path) -> pd.DataFrame:
     """One row per run under `root`: the attributes of `run_info` and the summary's results (best_valid_metric,
-    best_step, test_metric, test_loss, test_stream_bpc, wall_time_s, error)."""
+    best_step, test_metric, test_loss, test_stream_bpc, test_len100_bpc, test_len1000_bpc, test_protocol,
+    wall_time_s, error)."""
     rows = []
     for run_dir in find_run_dirs(root):
         info = run_info(run_dir)
         row = dict(info.attributes)
-        for key in ("best_valid_metric", "best_step", "test_metric", "test_loss", "test_stream_bpc", "wall_time_s",
-                    "error"):
+        for key in ("best_valid_metric", "best_step", "test_metric", "test_loss", "test_stream_bpc",
+                    "test_len100_bpc", "test_len1000_bpc", "test_protocol", "wall_time_s", "error"):
             row[key] = info.summary.get(key)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -16,7 +16,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 TASKS = ("smnist", "pmnist", "ptb", "text8", "digits")
 LSTM_MODELS = ("lstm", "vbn_lstm", "bn_lstm", "ln_lstm")
-RNN_MODELS = ("rnn", "bn_rnn", "ln_rnn", "bn_linear_rnn")
+RNN_MODELS = ("rnn", "bn_rnn", "ln_rnn", "bn_linear_rnn", "bn_linear_rnn2")
 OPTIMIZERS = ("rmsprop", "adam")
 SCHEDULES = ("constant", "cosine")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
@@ -59,6 +59,9 @@ def _positive_float(cfg: DictConfig, key: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check every user-facing value; raise ConfigError naming the first bad key and what is allowed."""
+    from recurrent_bn.data.mnist import PERMUTATIONS
+    from recurrent_bn.models import HEAD_INITS
+
     _require(cfg.task.name in TASKS, "task", f"one of {', '.join(TASKS)}", cfg.task.name)
     _require(cfg.model.name in LSTM_MODELS + RNN_MODELS, "model", f"one of {', '.join(LSTM_MODELS + RNN_MODELS)}",
              cfg.model.name)
@@ -86,8 +89,15 @@ def validate(cfg: DictConfig) -> None:
     clip = cfg.trainer.clip_grad_norm
     _require(clip is None or (isinstance(clip, int | float) and clip > 0), "trainer.clip_grad_norm",
              "a number > 0 or null (no clipping)", clip)
-    _require(cfg.trainer.valid_statistics in ("moving_average", "estimated"), "trainer.valid_statistics",
-             "moving_average or estimated", cfg.trainer.valid_statistics)
+    _require(cfg.trainer.valid_statistics in ("batch", "moving_average", "estimated"), "trainer.valid_statistics",
+             "batch, moving_average or estimated", cfg.trainer.valid_statistics)
+    _require(cfg.trainer.select_by in ("metric", "error"), "trainer.select_by", "metric or error",
+             cfg.trainer.select_by)
+    _require(cfg.task.head_init in HEAD_INITS, "task.head_init", f"one of {', '.join(HEAD_INITS)}", cfg.task.head_init)
+    if cfg.optim.name == "rmsprop":
+        _require(cfg.optim.rule in ("torch", "blocks"), "optim.rule", "torch or blocks", cfg.optim.rule)
+        _require(not (cfg.optim.rule == "blocks" and cfg.optim.weight_decay), "optim.weight_decay",
+                 "0 with optim.rule=blocks (Blocks' RMSProp has no weight decay)", cfg.optim.weight_decay)
     _require(cfg.optim.name in OPTIMIZERS, "optim", f"one of {', '.join(OPTIMIZERS)}", cfg.optim.name)
     _require(cfg.optim.schedule in SCHEDULES, "optim.schedule", f"one of {', '.join(SCHEDULES)}", cfg.optim.schedule)
     device = str(cfg.trainer.device)
@@ -98,12 +108,16 @@ def validate(cfg: DictConfig) -> None:
              cfg.trainer.compile)
     _require(cfg.logger.mode in LOGGER_MODES, "logger.mode", f"one of {', '.join(LOGGER_MODES)}", cfg.logger.mode)
     if cfg.task.kind == "classification":
-        _require(cfg.task.permutation in ("none", "random", "authors"), "task.permutation",
-                 "none, random or authors", cfg.task.permutation)
+        _require(cfg.task.permutation in PERMUTATIONS, "task.permutation", ", ".join(PERMUTATIONS),
+                 cfg.task.permutation)
     else:
         _positive_int(cfg, "task.seq_len")
         _require(cfg.task.seq_len >= 2, "task.seq_len", "at least 2 (one input and one target)", cfg.task.seq_len)
         _positive_int(cfg, "task.eval_seq_len")
+        _positive_int(cfg, "task.eval_streams")
+        lengths = cfg.task.test_lengths
+        _require(all(isinstance(n, int) and n >= 2 for n in lengths), "task.test_lengths",
+                 "a list of segment lengths >= 2 (characters)", lengths)
     _build_check(cfg)
 
 

@@ -34,11 +34,12 @@ RESULTS_ENV = "RBN_RESULTS"
 MODEL_LABELS = {
     "lstm": "LSTM", "bn_lstm": "BN-LSTM", "vbn_lstm": "VBN-LSTM (W_x x only)", "ln_lstm": "LN-LSTM",
     "rnn": "tanh RNN", "bn_rnn": "tanh(BN(·)) RNN", "bn_linear_rnn": "BN, no tanh, no bias",
+    "bn_linear_rnn2": "2 BN-linear recurrences, tanh between",
     "ln_rnn": "tanh(LN(·)) RNN",
 }
 MODEL_COLORS = {
     "lstm": "tab:blue", "bn_lstm": "tab:red", "vbn_lstm": "tab:green", "ln_lstm": "tab:purple", "rnn": "tab:gray",
-    "bn_rnn": "tab:orange", "bn_linear_rnn": "tab:brown", "ln_rnn": "tab:pink",
+    "bn_rnn": "tab:orange", "bn_linear_rnn": "tab:brown", "ln_rnn": "tab:pink", "bn_linear_rnn2": "tab:olive",
 }
 TASK_LABELS = {
     "smnist": "sequential MNIST", "pmnist": "permuted MNIST", "ptb": "Penn Treebank characters", "text8": "text8",
@@ -671,19 +672,117 @@ def figure_8(runs: pd.DataFrame, flow: pd.DataFrame | None = None, meta: dict | 
     return fig
 
 
+# ------------------------------------------------------------------------ the paper-scale campaign
+
+
+PAPER_CURVE_PANELS = (("smnist", "acc"), ("pmnist", "acc"), ("ptb", "bpc"))
+CURVE_MODELS = ("lstm", "bn_lstm")
+
+
+def _campaign_runs(runs: pd.DataFrame, tanh: bool) -> pd.DataFrame:
+    """The runs of experiments/paper_curves.py: Figure 2/3a pairs, or the tanh question's (jobs named tanh_*)."""
+    if runs is None or runs.empty:
+        return pd.DataFrame(columns=["task", "model", "split", "step", "job", "run_dir", "acc", "bpc"])
+    is_tanh = runs["job"].astype(str).str.startswith("tanh_")
+    return runs[is_tanh] if tanh else runs[~is_tanh & runs["model"].isin(CURVE_MODELS)]
+
+
+def _paper_points(ax: Axes, reference: pd.DataFrame) -> None:
+    """The paper's values read off its figures, as crosses at their steps (one legend entry each)."""
+    for _, row in reference.iterrows():
+        if _is_number(row.get("step")):
+            qualifier = f" ({row['condition']})" if isinstance(row.get("condition"), str) else ""
+            ax.plot([row["step"]], [row["value"]], "x", ms=9, mew=2, color=_color(row["model"]),
+                    label=f"paper {row['name']} @ {row['step'] / 1000:g}k{qualifier}: {row['value']:g}")
+
+
+def figure_paper_curves(runs: pd.DataFrame, reference: pd.DataFrame | None = None) -> Figure:
+    """Our paper-scale curves over the paper's (Figure 2 both panels, Figure 3a): validation accuracy or bpc with
+    the statistics the runs validated with (the presets: batch statistics, as the authors' curves), and the
+    paper's values read off its figures as crosses."""
+    runs = _campaign_runs(runs, tanh=False)
+    fig = Figure(figsize=(18, 5.0), layout="constrained")
+    axes = fig.subplots(1, len(PAPER_CURVE_PANELS))
+    notes = []
+    for ax, (task, metric) in zip(axes, PAPER_CURVE_PANELS, strict=True):
+        rows = runs[runs["task"] == task]
+        source = "figure3a" if task == "ptb" else "figure2"
+        _paper_points(ax, _reference(reference, source=source, task=task, model=list(CURVE_MODELS)))
+        if rows.empty:
+            _empty(ax, f"no paper-scale {task} runs yet", keep_ticks=True)
+        else:
+            _curves(ax, rows, "valid", metric, lambda r: f"ours {_label(r['model'])} ({r['job']})",
+                    lambda r: _color(r["model"]))
+            last = rows.groupby("job")["step"].max()
+            notes.append(f"{task}: " + ", ".join(f"{job} to step {int(step)}" for job, step in last.items()))
+        _dress(ax, "training step", f"validation {METRIC_LABELS[metric]}", _task_label(task), legend_loc="below")
+    fig.suptitle("The paper's setup (experiments/paper_curves.py): ours against the paper's Figures 2 and 3a")
+    _footer(fig, [*notes, "crosses: the paper's values read off its figures (results/paper_reference.csv)"])
+    return fig
+
+
+PAPER_POINT_STEPS = {"smnist": (5000, 10000), "pmnist": (10000, 20000), "ptb": (800, 4000, 8000)}
+
+
+def paper_points_table(runs: pd.DataFrame, reference: pd.DataFrame | None) -> pd.DataFrame:
+    """At the steps where the paper can be read: our validation value (the validation at that step), the paper's
+    read-off where it has one, and the difference; blank where a run has not got there."""
+    runs = _campaign_runs(runs, tanh=False)
+    rows = []
+    for task, steps in PAPER_POINT_STEPS.items():
+        metric = "bpc" if task == "ptb" else "acc"
+        source = "figure3a" if task == "ptb" else "figure2"
+        for model in CURVE_MODELS:
+            valid = runs[(runs["task"] == task) & (runs["model"] == model) & (runs["split"] == "valid")]
+            for step in steps:
+                ours = valid[valid["step"] == step][metric]
+                paper = _reference(reference, source=source, task=task, model=model)
+                paper = paper[paper["step"].astype(float) == step] if not paper.empty else paper
+                value = float(ours.mean()) if len(ours) else np.nan
+                theirs = float(paper["value"].iloc[0]) if len(paper) else np.nan
+                rows.append({"task": task, "model": model, "step": step, "ours_valid": value, "runs": len(ours),
+                             "paper": theirs, "difference": value - theirs,
+                             "paper_note": paper["note"].iloc[0] if len(paper) else ""})
+    return pd.DataFrame(rows)
+
+
+def figure_tanh_paper(runs: pd.DataFrame, ceiling: dict | None = None) -> Figure:
+    """The tanh question at the paper's MNIST setup (pMNIST, a true permutation): validation accuracy against
+    steps for rnn, bn_rnn, bn_linear_rnn, ln_rnn and bn_linear_rnn2, with the linear classifier's test accuracy
+    (results/analysis/linear_ceiling.json) as the ceiling of bn_linear_rnn at test time."""
+    runs = _campaign_runs(runs, tanh=True)
+    fig = Figure(figsize=(8.5, 5.2), layout="constrained")
+    ax = fig.subplots()
+    if ceiling and "any_true_permutation" in ceiling:
+        line = ceiling["any_true_permutation"]
+        ax.axhline(line["test_acc"], color="k", ls="--", lw=1.1,
+                   label=f"linear classifier of the pixels (test): {line['test_acc']:.4f}")
+    if runs.empty:
+        _empty(ax, "no paper-scale tanh-question runs yet", keep_ticks=True)
+    else:
+        _curves(ax, runs, "valid", "acc", lambda r: _label(r["model"]), lambda r: _color(r["model"]))
+    _dress(ax, "training step", "validation accuracy", "pMNIST (true permutation), the paper's MNIST setup",
+           legend_loc="below")
+    fig.suptitle("Can batch norm replace tanh? Trained at the paper's setup, against the linear ceiling")
+    last = runs.groupby("job")["step"].max() if not runs.empty else {}
+    _footer(fig, [", ".join(f"{job} to step {int(step)}" for job, step in dict(last).items()) or "no runs"])
+    return fig
+
+
 # --------------------------------------------------------------------------------------------------- tables
 
 
 PAPER_TABLE_COLUMNS = {"table1": ("smnist", "pmnist"), "table2": ("ptb",), "table3": ("text8",)}
+SEGMENT_LENGTHS = {"ptb": 100, "text8": 1000}
 
 
 def paper_table(summaries: pd.DataFrame, reference: pd.DataFrame | None, table: str) -> pd.DataFrame:
     """Table 1, 2 or 3: the paper's rows and ours side by side.
 
-    Table 1 reports test accuracy in % on sMNIST and pMNIST; Tables 2 and 3 test bits per character (ours: on
-    segments as in training, and reading the whole test split as streams). Our rows come from `summaries`
-    (`analysis.load_summaries`): the mean over the completed runs of each model, their number, a note of the runs
-    that did not complete (e.g. "1 diverged"), and the scale.
+    Table 1 reports test accuracy in % on sMNIST and pMNIST; Tables 2 and 3 test bits per character (ours: reading
+    the whole test split as one sequence, the authors' protocol, and on segments with the state reset). Our rows
+    come from `summaries` (`analysis.load_summaries`): the mean over the completed runs of each model, their
+    number, a note of the runs that did not complete (e.g. "1 diverged"), and the scale.
     """
     tasks = PAPER_TABLE_COLUMNS[table]
     rows = []
@@ -700,19 +799,27 @@ def paper_table(summaries: pd.DataFrame, reference: pd.DataFrame | None, table: 
             done = group[group["status"] == "completed"]
             row = {"source": "ours", "model": _label(model)}
             for task in tasks:
-                values = done[done["task"] == task]["test_metric"].dropna().astype(float)
-                row[task] = (100 * values.mean() if table == "table1" else values.mean()) if len(values) else np.nan
-                if table != "table1":
-                    stream = done[done["task"] == task]["test_stream_bpc"].dropna().astype(float)
-                    row[f"{task} (stream)"] = stream.mean() if len(stream) else np.nan
+                of_task = done[done["task"] == task]
+                if table == "table1":
+                    values = of_task["test_metric"].dropna().astype(float)
+                    row[task] = 100 * values.mean() if len(values) else np.nan
+                    continue
+                # The main number reads the whole test split as one sequence (the authors'); beside it segments
+                # of the training length with the state reset (runs made before test_len* existed: test_metric).
+                stream = of_task["test_stream_bpc"].dropna().astype(float)
+                row[task] = stream.mean() if len(stream) else np.nan
+                length = SEGMENT_LENGTHS[task]
+                segments = of_task[f"test_len{length}_bpc"].fillna(
+                    of_task["test_metric"].where(of_task["test_protocol"].isna())).dropna().astype(float)
+                row[f"{task} (segments of {length})"] = segments.mean() if len(segments) else np.nan
             row["runs"] = len(done)
             unfinished = group[group["status"] != "completed"]
             row["note"] = ", ".join(f"{count} {status}" for status, count in
                                     unfinished["status"].value_counts().items())
             row["scale"] = scale_label(group)
             rows.append(row)
-    columns = ["source", "model", *tasks, *[f"{t} (stream)" for t in tasks if table != "table1"], "runs", "note",
-               "scale"]
+    columns = ["source", "model", *tasks, *[f"{t} (segments of {SEGMENT_LENGTHS[t]})" for t in tasks
+                                             if table != "table1"], "runs", "note", "scale"]
     frame = pd.DataFrame(rows)
     for column in columns:
         if column not in frame:
@@ -738,8 +845,13 @@ def to_markdown(frame: pd.DataFrame, digits: int = 3) -> str:
 OURS_ARE_MEANS = " (ours: mean over the completed runs of each task; `runs` counts them)"
 TABLE_TITLES = {
     "table1": "Table 1: test accuracy (%) on sequential and permuted MNIST" + OURS_ARE_MEANS,
-    "table2": "Table 2: test bits per character on Penn Treebank" + OURS_ARE_MEANS,
-    "table3": "Table 3: test bits per character on text8" + OURS_ARE_MEANS,
+    "table2": "Table 2: test bits per character on Penn Treebank; ours: the whole test split read as one sequence "
+              "(the authors' protocol), and segments of 100 with the state reset" + OURS_ARE_MEANS,
+    "table3": "Table 3: test bits per character on text8; ours: the whole test split as one sequence, and "
+              "segments of 1000" + OURS_ARE_MEANS,
+    "paper_points": "The paper's setup at the steps where its figures can be read: our validation value (the "
+                    "presets' batch statistics), the paper's read-off, the difference (blank: not read off, or not "
+                    "reached yet)",
 }
 
 
@@ -833,6 +945,9 @@ def all_figures(results: Results) -> dict[str, Figure]:
         "fig7_statistics_and_terms": figure_7(results.runs_of("fig7")),
         "fig8_tanh_question": figure_8(results.runs_of("fig8"), results.analysis("fig1a_gradient_flow"),
                                        results.analysis_meta("fig1a_gradient_flow")),
+        "paper_curves": figure_paper_curves(results.runs_of("paper_curves"), results.reference),
+        "tanh_question_paper": figure_tanh_paper(results.runs_of("tanh_question"),
+                                                 results.analysis_meta("linear_ceiling")),
     }
 
 
@@ -841,5 +956,7 @@ TABLE_SOURCES = {"table1": "fig2", "table2": "fig3", "table3": "table3"}
 
 def all_tables(results: Results) -> dict[str, pd.DataFrame]:
     """Tables 1–3 from the runs of fig2* (MNIST), fig3* (PTB) and table3* (text8)."""
-    return {name: paper_table(results.summaries_of(prefix), results.reference, name)
-            for name, prefix in TABLE_SOURCES.items()}
+    tables = {name: paper_table(results.summaries_of(prefix), results.reference, name)
+              for name, prefix in TABLE_SOURCES.items()}
+    tables["paper_points"] = paper_points_table(results.runs_of("paper_curves"), results.reference)
+    return tables

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, example_count
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, example_count
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,10 @@ def _term(module: nn.Module | None, steps: int, start_step: int, input_term: boo
         return NONE, 0.0, [None] * 4
     if isinstance(module, RecurrentLayerNorm):
         return LAYER, module.eps, [module.weight, module.bias, None, None]
+    if isinstance(module, CellShift):
+        # x + beta is the affine map with scale 1 and shift beta at every timestep.
+        shift = module.bias.expand(steps, -1).contiguous()
+        return AFFINE, 0.0, [None, None, torch.ones_like(shift), shift]
     if not isinstance(module, RecurrentBatchNorm):
         raise TypeError(f"unsupported normalization module {type(module).__name__}")
     if not module.training:

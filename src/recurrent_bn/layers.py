@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn import recurrence
-from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
 
 LSTM_NORMS = ("none", "vbn", "bn", "ln")
 RNN_NORMS = ("none", "bn", "ln")
@@ -21,6 +21,8 @@ RNN_TERMS = ("input", "recurrent")
 PLACEMENTS = ("sum", "separate")
 NONLINEARITIES = ("tanh", "relu", "identity")
 RECURRENT_INITS = ("orthogonal", "identity")
+ORTHOGONAL_SCOPES = ("joint", "per_gate")
+NOISE_MODES = ("training", "authors")
 BACKENDS = ("auto", "reference", "fused")
 
 
@@ -30,10 +32,15 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _orthogonal_blocks_(weight: Tensor, blocks: int) -> None:
-    """Initialise each of the `blocks` row blocks (one per gate) as an orthogonal matrix, as the authors did."""
+def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
+    """Orthogonal initialisation of a gate-stacked weight (blocks * H, n).
+
+    "joint": one orthogonal matrix over all blocks, as the authors draw W_h (H, 4H) and W_x (I, 4H) in their
+    layout: in torch's (4H, n) layout its columns are orthonormal, `W^T W = I` (entries of RMS 1/sqrt(4H) for W_h).
+    "per_gate": each block separately orthogonal (entries sqrt(blocks) times larger).
+    """
     with torch.no_grad():
-        for block in weight.chunk(blocks, 0):
+        for block in weight.chunk(blocks, 0) if scope == "per_gate" else (weight,):
             nn.init.orthogonal_(block)
 
 
@@ -56,7 +63,7 @@ class _RecurrentStack(nn.Module):
 
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int, batch_first: bool, dropout: float,
-        learn_initial_state: bool, init_state_noise: float, backend: str,
+        learn_initial_state: bool, init_state_noise: float, init_state_noise_mode: str, backend: str,
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
@@ -72,6 +79,7 @@ class _RecurrentStack(nn.Module):
         self.batch_first = batch_first
         self.dropout = dropout
         self.init_state_noise = init_state_noise
+        self.init_state_noise_mode = _choice("init_state_noise_mode", init_state_noise_mode, NOISE_MODES)
         self.backend = _choice("backend", backend, BACKENDS)
         self.learn_initial_state = learn_initial_state
         if learn_initial_state:
@@ -92,7 +100,11 @@ class _RecurrentStack(nn.Module):
         else:
             zeros = like.new_zeros(self.num_layers, batch, self.hidden_size)
             states = [zeros] * self.state_count
-        if self.training and self.init_state_noise > 0:
+        if self.init_state_noise > 0 and self.init_state_noise_mode == "authors":
+            # The authors' graphs add the noise to h_0 only, in training and in the graphs that re-estimate the
+            # statistics and test.
+            states[0] = states[0] + self.init_state_noise * torch.randn_like(states[0])
+        elif self.init_state_noise > 0 and self.training:
             # The paper's fix for sequential MNIST: identical initial states and constant leading inputs give a
             # zero batch variance, through which the gradient explodes as 1/sqrt(eps).
             states = [s + self.init_state_noise * torch.randn_like(s) for s in states]
@@ -114,6 +126,10 @@ class _RecurrentStack(nn.Module):
             raise ValueError(f"lengths must have shape ({input.shape[1]},), got {tuple(lengths.shape)}")
         steps = torch.arange(input.shape[0], device=input.device)
         return input, steps[:, None] < lengths[None, :]
+
+    def _between_layers(self, output: Tensor) -> Tensor:
+        """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
+        return output
 
     def _use_fused(self) -> bool:
         return recurrence.use_fused(self.backend)
@@ -142,6 +158,8 @@ class _RecurrentStack(nn.Module):
         for layer in range(self.num_layers):
             output, final = self._layer(layer, layer_input, [s[layer] for s in states], mask, start_step)
             finals.append(final)
+            if layer < self.num_layers - 1:
+                output = self._between_layers(output)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 output = F.dropout(output, self.dropout, training=True)
             layer_input = output
@@ -169,16 +187,25 @@ class LSTM(_RecurrentStack):
         max_length: timesteps with their own batch-norm population statistics (T_max).
         gamma_init: initial γ of every normalization (default 0.1 for batch norm, 1.0 for layer norm).
         eps, momentum: of the batch norms (see `RecurrentBatchNorm`).
-        share_statistics_over_time: one set of batch-norm statistics for all timesteps (the paper reports that
-            this "severely degrades performance"); always on for "vbn".
+        share_statistics_over_time: one population slot for all timesteps (the paper reports that this "severely
+            degrades performance"); always on for "vbn". In training the input term is normalized with statistics
+            over batch and time, the recurrent and cell terms with each timestep's batch statistics (later steps
+            are not known yet when a step is computed).
         norm_terms: which terms to normalize, a subset of ("input", "recurrent", "cell"); default all for "bn"
             and "ln", ("input",) for "vbn". For ablations.
         forget_bias: initial bias of the forget gate (1.0 in the authors' code).
-        recurrent_init: "orthogonal" (each gate's block of W_h orthogonal) or "identity" (the candidate block g
-            is the identity, the others orthogonal: the authors' MNIST setting).
+        recurrent_init: "orthogonal" or "identity" (the candidate block g of W_h is the identity, the other three
+            blocks orthogonal: the authors' MNIST setting).
+        orthogonal_init: "joint" (the authors'): W_h is one orthogonal matrix over all four gates, `W_h^T W_h = I`
+            (with "identity": the f, i, o blocks together), W_x likewise; "per_gate": each gate's block separately
+            orthogonal, which makes the entries 2x larger (sqrt(3)x for the f, i, o blocks under "identity").
+        cell_bias: a learned shift inside the output tanh, `h = σ(o) ⊙ tanh(c + β_c)`, when the cell is not
+            normalized: the authors' baseline LSTM is their BN graph with BN(x) = x + β, which keeps it. A
+            normalized cell has its own β_c, so True changes nothing there. False keeps torch.nn.LSTM's parameters.
         learn_initial_state: learn h_0 and c_0 (starting at zero) instead of zeros.
-        init_state_noise: std of Gaussian noise added to the initial state in training (the paper uses 0.1 on
-            sequential MNIST).
+        init_state_noise: std of Gaussian noise added to the initial state (the paper uses 0.1 on sequential MNIST).
+        init_state_noise_mode: "training" (h_0 and c_0, training-mode forwards only) or "authors" (h_0 only, in
+            every forward: the authors' training, statistics-estimation and test graphs all add it).
         backend: "reference" (plain PyTorch, any device), "fused" (the compiled CPU kernels) or "auto".
     """
 
@@ -202,15 +229,21 @@ class LSTM(_RecurrentStack):
         norm_terms: tuple[str, ...] | list[str] | None = None,
         forget_bias: float = 1.0,
         recurrent_init: str = "orthogonal",
+        orthogonal_init: str = "joint",
+        cell_bias: bool = False,
         learn_initial_state: bool = False,
         init_state_noise: float = 0.0,
+        init_state_noise_mode: str = "training",
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise, backend
+            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
+            init_state_noise_mode, backend,
         )
         self.norm = _choice("norm", norm, LSTM_NORMS)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
+        self.orthogonal_init = _choice("orthogonal_init", orthogonal_init, ORTHOGONAL_SCOPES)
+        self.cell_bias = bool(cell_bias)
         if norm_terms is None:
             norm_terms = {"none": (), "vbn": ("input",)}.get(norm, LSTM_TERMS)
         for term in norm_terms:
@@ -246,18 +279,26 @@ class LSTM(_RecurrentStack):
                         learn_beta,
                     )
                     self.add_module(f"{name}_l{layer}", module)
+            if self.cell_bias and "cell" not in self.norm_terms:
+                self.add_module(f"shift_c_l{layer}", CellShift(hidden_size))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The authors' initialisation: orthogonal blocks (or identity for g), zero biases, forget bias 1."""
+        """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
         hidden = self.hidden_size
         for layer in range(self.num_layers):
-            _orthogonal_blocks_(getattr(self, f"weight_ih_l{layer}"), 4)
+            _orthogonal_(getattr(self, f"weight_ih_l{layer}"), 4, self.orthogonal_init)
             weight_hh = getattr(self, f"weight_hh_l{layer}")
-            _orthogonal_blocks_(weight_hh, 4)
             if self.recurrent_init == "identity":
+                # Gate order i, f, g, o: the f, i, o rows are orthogonal (jointly or per gate), g is the identity.
+                others = torch.empty(3 * hidden, hidden, dtype=weight_hh.dtype, device=weight_hh.device)
+                _orthogonal_(others, 3, self.orthogonal_init)
                 with torch.no_grad():
+                    weight_hh[: 2 * hidden].copy_(others[: 2 * hidden])
                     weight_hh[2 * hidden : 3 * hidden].copy_(torch.eye(hidden))
+                    weight_hh[3 * hidden :].copy_(others[2 * hidden :])
+            else:
+                _orthogonal_(weight_hh, 4, self.orthogonal_init)
             biases = [getattr(self, n) for n in (f"bias_ih_l{layer}", f"bias_l{layer}") if hasattr(self, n)]
             for parameter in biases + [getattr(self, f"bias_hh_l{layer}", None)]:
                 if parameter is not None:
@@ -286,7 +327,7 @@ class LSTM(_RecurrentStack):
             state[1],
             getattr(self, f"weight_hh_l{layer}"),
             getattr(self, f"norm_hh_l{layer}", None),
-            getattr(self, f"norm_c_l{layer}", None),
+            getattr(self, f"norm_c_l{layer}", getattr(self, f"shift_c_l{layer}", None)),
             mask,
             start_step,
             fused=self._use_fused(),
@@ -315,6 +356,11 @@ class RNN(_RecurrentStack):
 
     With norm="none" the parameters are torch.nn.RNN's. Other arguments as for `LSTM`; `recurrent_init="identity"`
     sets W_h to the identity (the paper's Figure 1a model uses it, with W_x orthogonal).
+
+    `layer_activation` ("identity", "tanh" or "relu") is applied to each layer's output before the next layer reads
+    it (never after the last). With `nonlinearity="identity"` and batch norm this keeps every recurrence free of a
+    nonlinearity and puts one between the recurrences, as modern linear recurrences do: the network is then no
+    longer an affine map of its input at test time.
     """
 
     state_count = 1
@@ -340,12 +386,18 @@ class RNN(_RecurrentStack):
         recurrent_init: str = "orthogonal",
         learn_initial_state: bool = False,
         init_state_noise: float = 0.0,
+        init_state_noise_mode: str = "training",
+        layer_activation: str = "identity",
         backend: str = "auto",
     ) -> None:
         super().__init__(
-            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise, backend
+            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
+            init_state_noise_mode, backend,
         )
         self.norm = _choice("norm", norm, RNN_NORMS)
+        self.layer_activation = _choice("layer_activation", layer_activation, NONLINEARITIES)
+        if layer_activation != "identity" and num_layers < 2:
+            raise ValueError("layer_activation acts between layers: it needs num_layers >= 2")
         self.nonlinearity = _choice("nonlinearity", nonlinearity, NONLINEARITIES)
         self.norm_placement = _choice("norm_placement", norm_placement, PLACEMENTS)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
@@ -408,6 +460,9 @@ class RNN(_RecurrentStack):
                 module.reset_parameters()
         if self.learn_initial_state:
             nn.init.zeros_(self.initial_state)
+
+    def _between_layers(self, output: Tensor) -> Tensor:
+        return recurrence.ACTIVATIONS[self.layer_activation](output)
 
     def _layer(self, layer: int, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         input_term = F.linear(x, getattr(self, f"weight_ih_l{layer}"))

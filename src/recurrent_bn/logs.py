@@ -14,7 +14,7 @@ from pathlib import Path
 
 log = logging.getLogger("recurrent_bn")
 
-COLUMNS = ("step", "split", "loss", "acc", "bpc", "grad_norm", "lr", "elapsed_s", "seq_per_s")
+COLUMNS = ("step", "split", "loss", "acc", "bpc", "error", "grad_norm", "lr", "elapsed_s", "seq_per_s")
 
 
 class MetricsCSV:

@@ -11,9 +11,22 @@ from recurrent_bn.layers import LSTM, RNN
 # Model config keys passed to the layer constructor, per cell; everything else in the file is for the trainer.
 COMMON_KEYS = (
     "hidden_size", "num_layers", "norm", "dropout", "max_length", "gamma_init", "eps", "momentum",
-    "share_statistics_over_time", "norm_terms", "recurrent_init", "learn_initial_state", "init_state_noise", "backend",
+    "share_statistics_over_time", "norm_terms", "recurrent_init", "learn_initial_state", "init_state_noise",
+    "init_state_noise_mode", "backend",
 )
-LAYER_KEYS = {"lstm": COMMON_KEYS + ("forget_bias",), "rnn": COMMON_KEYS + ("nonlinearity", "norm_placement", "bias")}
+LAYER_KEYS = {
+    "lstm": COMMON_KEYS + ("forget_bias", "orthogonal_init", "cell_bias"),
+    "rnn": COMMON_KEYS + ("nonlinearity", "norm_placement", "bias", "layer_activation"),
+}
+HEAD_INITS = ("orthogonal", "torch")
+
+
+def init_head_(head: nn.Linear, how: str) -> None:
+    """The read-out's initialisation: "orthogonal" with a zero bias (the authors' W_y, b_y), or "torch"
+    (nn.Linear's default)."""
+    if how == "orthogonal":
+        nn.init.orthogonal_(head.weight)
+        nn.init.zeros_(head.bias)
 
 
 def layer_kwargs(model: DictConfig, input_size: int) -> dict:
@@ -42,10 +55,11 @@ def make_layer(cell: str, input_size: int, kwargs: dict) -> nn.Module:
 class SequenceClassifier(nn.Module):
     """A recurrent layer over the pixels and a linear read-out of its last hidden state (MNIST, digits)."""
 
-    def __init__(self, recurrent: nn.Module, num_classes: int) -> None:
+    def __init__(self, recurrent: nn.Module, num_classes: int, head_init: str = "orthogonal") -> None:
         super().__init__()
         self.recurrent = recurrent
         self.head = nn.Linear(recurrent.hidden_size, num_classes)
+        init_head_(self.head, head_init)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (T, B, 1) pixels in [0, 1] → logits (B, classes)."""
@@ -56,11 +70,12 @@ class SequenceClassifier(nn.Module):
 class CharLanguageModel(nn.Module):
     """One-hot characters → recurrent layer → a softmax over the vocabulary at every step (PTB, text8)."""
 
-    def __init__(self, recurrent: nn.Module, vocabulary_size: int) -> None:
+    def __init__(self, recurrent: nn.Module, vocabulary_size: int, head_init: str = "orthogonal") -> None:
         super().__init__()
         self.recurrent = recurrent
         self.vocabulary_size = vocabulary_size
         self.head = nn.Linear(recurrent.hidden_size, vocabulary_size)
+        init_head_(self.head, head_init)
 
     def forward(self, ids: Tensor, state=None, start_step: int = 0):
         """ids: (T, B) int64 → logits (T, B, V) and the final state (to carry into the next piece of a sequence)."""
@@ -73,6 +88,7 @@ def build_model(cfg: DictConfig) -> nn.Module:
     """The task's network for this config (on the CPU; the trainer moves it)."""
     kwargs = layer_kwargs(cfg.model, cfg.task.input_size)
     recurrent = make_layer(cfg.model.cell, cfg.task.input_size, kwargs)
+    head_init = cfg.task.head_init
     if cfg.task.kind == "classification":
-        return SequenceClassifier(recurrent, cfg.task.num_classes)
-    return CharLanguageModel(recurrent, cfg.task.num_classes)
+        return SequenceClassifier(recurrent, cfg.task.num_classes, head_init)
+    return CharLanguageModel(recurrent, cfg.task.num_classes, head_init)

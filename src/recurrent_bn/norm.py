@@ -145,17 +145,18 @@ class RecurrentBatchNorm(nn.Module):
         steps = mean.shape[0]
         step = torch.arange(start_step, start_step + steps, device=mean.device)
         index = step.clamp(max=self.slots - 1)
-        count = count.to(mean.dtype)
+        # Pooled in float64 and as within- plus between-timestep variance: rebuilding the variance as
+        # E[x^2] - mean^2 in float32 loses it entirely when |mean| >> std (mean 30, std 0.01 gave 0).
+        mean, var, count = mean.double(), var.double(), count.double()
         pooled_count = mean.new_zeros(self.slots).index_add_(0, index, count)
-        pooled_mean = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, mean * count[:, None])
-        pooled_square = mean.new_zeros(self.slots, self.num_features).index_add_(
-            0, index, (var + mean.square()) * count[:, None]
-        )
-        # Masked arithmetic instead of boolean indexing: no host synchronisation on a GPU.
         touched = pooled_count > 0
         denominator = pooled_count.clamp(min=1)[:, None]
-        batch_mean = pooled_mean / denominator
-        batch_var = (pooled_square / denominator - batch_mean.square()).clamp(min=0)
+        batch_mean = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, mean * count[:, None])
+        batch_mean = batch_mean / denominator
+        spread = var + (mean - batch_mean[index]).square()
+        batch_var = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, spread * count[:, None])
+        batch_var = batch_var / denominator
+        # Masked arithmetic instead of boolean indexing: no host synchronisation on a GPU.
         if self.momentum is None:
             factor = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
         else:
@@ -186,6 +187,25 @@ class RecurrentBatchNorm(nn.Module):
         mean, var = batch_statistics(x, mask)
         self.update_population(mean.detach(), var.detach(), count, start_step)
         return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+
+
+class CellShift(nn.Module):
+    """A learned shift `x + beta` (beta starting at 0), no statistics: the cell term of the authors' baseline LSTM,
+    whose graph is the BN-LSTM's with BN(x) = x + beta, so that `h = σ(o) ⊙ tanh(c + β_c)`."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}"
+
+    def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
+        return x + self.bias
 
 
 def batch_norms(module: nn.Module) -> list[RecurrentBatchNorm]:

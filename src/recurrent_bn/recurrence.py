@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -60,7 +60,7 @@ class StepNorm:
     """How one term is normalized at every step of one pass over a sequence.
 
     - no module: the term is left as it is;
-    - layer norm: per example, no statistics;
+    - layer norm (or the baseline's shift): per example, no statistics;
     - batch norm in training: the minibatch statistics of each timestep, remembered so that the population
       statistics can be updated once after the loop;
     - batch norm in evaluation: the population statistics, which make the normalization an affine map per
@@ -76,7 +76,7 @@ class StepNorm:
         self.variances: list[Tensor] = []
         if module is None:
             self.kind = "none"
-        elif isinstance(module, RecurrentLayerNorm):
+        elif isinstance(module, RecurrentLayerNorm | CellShift):
             self.kind = "layer"
         elif isinstance(module, RecurrentBatchNorm) and module.training:
             self.kind = "batch"

@@ -12,8 +12,10 @@ from torch.nn import functional as F
 
 from recurrent_bn import data
 from recurrent_bn.errors import ConfigError
+from recurrent_bn.norm import batch_norms
 
 LN2 = math.log(2.0)
+STREAM_CHUNK = 1000  # characters per call when a split is read as one sequence
 
 
 class Task:
@@ -64,34 +66,41 @@ class Task:
             self.train = data.TextBatches(self.splits["train"], cfg.seq_len, cfg.batch_size, seed=seed, device=device)
 
     def batches(
-        self, split: str, limit: int | None = None, seq_len: int | None = None
+        self, split: str, limit: int | None = None, seq_len: int | None = None, batch_size: int | None = None
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """The split once, in order, in evaluation batches (at most `limit` of them)."""
+        batch_size = batch_size or self.cfg.eval_batch_size
         if self.kind == "classification":
             pixels, labels = self.splits[split]
             iterator = data.class_eval_batches(
-                pixels, labels, min(self.cfg.eval_batch_size, len(pixels)), device=self.device,
-                pixel_max=self.cfg.pixel_max,
+                pixels, labels, min(batch_size, len(pixels)), device=self.device, pixel_max=self.cfg.pixel_max,
                 order=self.order,
             )
         else:
             iterator = data.text_eval_batches(
-                self.splits[split], seq_len or self.cfg.eval_seq_len, self.cfg.eval_batch_size, device=self.device
+                self.splits[split], seq_len or self.cfg.eval_seq_len, batch_size, device=self.device
             )
         for index, batch in enumerate(iterator):
             if limit is not None and index >= limit:
                 return
             yield batch
 
+    def _score(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Mean cross-entropy (nats), the metric's numerator (correct predictions, or the summed loss), the number
+        of wrong argmax predictions (of the class, or of the next character) and the count."""
+        logits = model(x) if self.kind == "classification" else model(x)[0]
+        logits = logits.float().reshape(-1, logits.shape[-1])
+        targets = y.reshape(-1)
+        loss = F.cross_entropy(logits, targets)
+        wrong = (logits.argmax(-1) != targets).sum()
+        if self.kind == "classification":
+            return loss, targets.numel() - wrong, wrong, targets.numel()
+        return loss, loss.detach() * targets.numel(), wrong, targets.numel()
+
     def loss(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, int]:
         """Mean cross-entropy (nats), the metric's numerator (correct predictions, or the summed loss) and the count."""
-        if self.kind == "classification":
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y)
-            return loss, (logits.argmax(-1) == y).sum(), y.numel()
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        return loss, loss.detach() * y.numel(), y.numel()
+        loss, metric, _, count = self._score(model, x, y)
+        return loss, metric, count
 
     def summarize(self, loss_sum: float, metric_sum: float, count: int) -> dict[str, float]:
         """{"loss": mean nats, "acc" or "bpc": ...} from sums over examples (or characters)."""
@@ -101,31 +110,46 @@ class Task:
         return {"loss": loss, "bpc": loss / LN2}
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
-        """Score `model` (in evaluation mode, population statistics) on an iterable of batches."""
+    def evaluate(self, model: nn.Module, batches, statistics: str = "population") -> dict[str, float]:
+        """Score `model` on an iterable of batches: loss, the task's metric and `error`, the error rate of the
+        argmax prediction (the authors' "error rate": of the class, or of the next character).
+
+        `statistics="population"` runs the model in evaluation mode; `"batch"` runs it as in training (batch
+        statistics, initial-state noise, dropout: the authors' "training graph") without updating anything.
+        """
         was_training = model.training
-        model.eval()
+        norms = batch_norms(model)
+        saved = [[buffer.clone() for buffer in norm.buffers()] for norm in norms] if statistics == "batch" else []
+        model.train(statistics == "batch")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        wrong_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         count = 0
-        for x, y in batches:
-            loss, metric, n = self.loss(model, x, y)
-            loss_sum += loss.double() * n
-            metric_sum += metric.double()
-            count += n
-        model.train(was_training)
-        return self.summarize(float(loss_sum), float(metric_sum), count)
+        try:
+            for x, y in batches:
+                loss, metric, wrong, n = self._score(model, x, y)
+                loss_sum += loss.double() * n
+                metric_sum += metric.double()
+                wrong_sum += wrong.double()
+                count += n
+        finally:
+            for norm, buffers in zip(norms, saved, strict=False):
+                for buffer, value in zip(norm.buffers(), buffers, strict=True):
+                    buffer.copy_(value)
+            model.train(was_training)
+        return {**self.summarize(float(loss_sum), float(metric_sum), count), "error": float(wrong_sum) / max(count, 1)}
 
     @torch.no_grad()
     def evaluate_stream(self, model: nn.Module, split: str, chunk: int | None = None) -> dict[str, float]:
         """Bits per character of a language model reading the split as one long sequence per stream.
 
-        The split is cut into `task.eval_streams` contiguous streams, read in chunks of `chunk` characters with the
-        state carried across chunks; timesteps count on from chunk to chunk, so batch norm uses the population
-        statistics of T_max for every step past it, as the paper prescribes.
+        The split is cut into `task.eval_streams` contiguous streams (1: the authors' protocol, the whole split as
+        one sequence), read in chunks of `chunk` characters with the state carried across chunks; timesteps count on
+        from chunk to chunk, so batch norm uses the population statistics of T_max for every step past it, as the
+        paper prescribes. The chunking changes nothing but speed.
         """
         streams = data.text_streams(self.splits[split], self.cfg.eval_streams, device=self.device)
-        chunk = chunk or self.cfg.eval_seq_len
+        chunk = chunk or STREAM_CHUNK
         was_training = model.training
         model.eval()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)

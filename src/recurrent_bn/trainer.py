@@ -28,6 +28,7 @@ from recurrent_bn.layers import estimate_population_statistics
 from recurrent_bn.logs import MetricsCSV, WandbRun, write_json
 from recurrent_bn.models import build_model
 from recurrent_bn.norm import batch_norms
+from recurrent_bn.optim import make_optimizer, make_scheduler
 from recurrent_bn.tasks import Task
 
 log = logging.getLogger("recurrent_bn")
@@ -46,23 +47,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name} but CUDA is not available here: use trainer.device=auto or cpu")
     return device
-
-
-def make_optimizer(optim: DictConfig, parameters) -> torch.optim.Optimizer:
-    if optim.name == "rmsprop":
-        return torch.optim.RMSprop(
-            parameters, lr=optim.lr, alpha=optim.decay, eps=optim.eps, weight_decay=optim.weight_decay
-        )
-    return torch.optim.Adam(parameters, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                            weight_decay=optim.weight_decay)
-
-
-def make_scheduler(optim: DictConfig, optimizer: torch.optim.Optimizer, max_steps: int):
-    if optim.schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, max_steps) / max_steps))
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 def save_atomic(content: dict, path: Path) -> None:
@@ -167,6 +151,23 @@ def estimated_statistics(model: torch.nn.Module, inputs):
                 buffer.copy_(value)
 
 
+def validate_once(task: Task, model: torch.nn.Module, trainer_cfg: DictConfig) -> dict:
+    """Score the validation split with the statistics `trainer.valid_statistics` names: "batch" (the authors'
+    curves and model selection: the training graph, in batches of the training size), "moving_average" (the
+    population statistics as trained) or "estimated" (re-estimated over training batches, then restored)."""
+    batches = trainer_cfg.eval_batches
+    if trainer_cfg.valid_statistics == "batch":
+        train_cfg = task.cfg
+        seq_len = train_cfg.seq_len if task.kind == "language_model" else None
+        return task.evaluate(model, task.batches("valid", batches, seq_len=seq_len, batch_size=train_cfg.batch_size),
+                             statistics="batch")
+    statistics = contextlib.nullcontext()
+    if trainer_cfg.valid_statistics == "estimated":
+        statistics = estimated_statistics(model, task.estimation_inputs(trainer_cfg.estimate_batches))
+    with statistics:
+        return task.evaluate(model, task.batches("valid", batches))
+
+
 def _improved(value: float, best: float | None, higher_is_better: bool) -> bool:
     return best is None or (value > best if higher_is_better else value < best)
 
@@ -215,8 +216,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if trainer_cfg.compile:
         step_model = torch.compile(model, mode=None if trainer_cfg.compile == "default" else trainer_cfg.compile)
 
+    # The checkpoint kept for the test: the best task metric, or the lowest error rate (the authors' choice).
+    select_key = task.metric if trainer_cfg.select_by == "metric" else "error"
+    higher_is_better = task.higher_is_better and select_key == task.metric
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     step, best, best_step, elapsed_before, wandb_id = 0, None, None, 0.0, None
+    best_metric = None  # the task metric at the selected checkpoint (`best` is the selected quantity)
     window = Window(device)
     resumed = bool(cfg.resume) and last_path.exists()
     if resumed:
@@ -228,6 +233,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         window.load_state_dict(checkpoint["window"])
         _set_rng_state(checkpoint["rng"])
         step, best, best_step = int(checkpoint["step"]), checkpoint["best"], checkpoint["best_step"]
+        best_metric = checkpoint.get("best_metric", best)
         elapsed_before, wandb_id = float(checkpoint["elapsed_s"]), checkpoint.get("wandb_id")
         log.info("resuming %s at step %d", run_dir, step)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -241,7 +247,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     wandb_run = WandbRun(cfg.logger, config_dict, run_dir, name, run_id=wandb_id)
     summary = {
         "status": "running", "task": cfg.task.name, "model": cfg.model.name, "metric": task.metric,
-        "best_valid_metric": best, "best_step": best_step, "test_metric": None, "steps": step,
+        "selected_by": select_key, "valid_statistics": trainer_cfg.valid_statistics,
+        "best_valid_metric": best_metric, "best_valid_selected": best, "best_step": best_step, "test_metric": None,
+        "steps": step,
         "device": str(device), "torch_version": torch.__version__, "recurrent_bn_version": __version__,
         "git_commit": git_commit(), "run_dir": str(run_dir), "config": config_dict,
     }
@@ -272,7 +280,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         save_atomic({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "data": task.train.state_dict(), "window": window.state_dict(), "rng": _rng_state(), "step": step,
-            "best": best, "best_step": best_step, "elapsed_s": elapsed(), "wandb_id": wandb_run.id,
+            "best": best, "best_metric": best_metric, "best_step": best_step, "elapsed_s": elapsed(),
+            "wandb_id": wandb_run.id,
             "config": OmegaConf.to_yaml(cfg, resolve=True),
         }, last_path)
 
@@ -321,18 +330,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
                 if step % trainer_cfg.eval_every == 0 or step == trainer_cfg.max_steps:
                     eval_start = time.time()
-                    statistics = contextlib.nullcontext()
-                    if trainer_cfg.valid_statistics == "estimated":
-                        statistics = estimated_statistics(model, task.estimation_inputs(trainer_cfg.estimate_batches))
-                    with autocast, statistics:
-                        result = task.evaluate(model, task.batches("valid", trainer_cfg.eval_batches))
+                    with autocast:
+                        result = validate_once(task, model, trainer_cfg)
                     write({"step": step, "split": "valid", **result, "elapsed_s": elapsed()})
-                    log.info("step %d | valid loss %.4f %s %.4f | %.0f s", step, result["loss"], task.metric,
-                             result[task.metric], elapsed())
-                    if _improved(result[task.metric], best, task.higher_is_better):
-                        best, best_step = result[task.metric], step
+                    log.info("step %d | valid loss %.4f %s %.4f error %.4f | %.0f s", step, result["loss"],
+                             task.metric, result[task.metric], result["error"], elapsed())
+                    selected = result[select_key]
+                    if _improved(selected, best, higher_is_better):
+                        best, best_step, best_metric = selected, step, result[task.metric]
                         save_atomic({"model": model.state_dict(), "step": step, "metric": best}, best_path)
-                    summary.update(best_valid_metric=best, best_step=best_step, steps=step)
+                    summary.update(best_valid_metric=best_metric, best_valid_selected=best, best_step=best_step,
+                                   steps=step)
                     window_clock += time.time() - eval_start  # throughput counts training time only
 
                 if stop.requested or step % trainer_cfg.checkpoint_every == 0 or step == trainer_cfg.max_steps:
@@ -375,18 +383,32 @@ def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: P
         with autocast:
             estimated = estimate_population_statistics(model, task.estimation_inputs(cfg.trainer.estimate_batches))
     save_atomic({"model": model.state_dict(), "step": best_step, "estimated_batches": estimated}, run_dir / "final.pt")
-    with autocast:
-        result = task.evaluate(model, task.batches("test"))
     step = best_step or 0
+    out = {"test_step": best_step, "estimation_batches": estimated}
+    if task.kind == "language_model":
+        # The authors' protocol: the main number reads the whole test split as one sequence (state carried,
+        # T_max's statistics past T_max); segments of fixed lengths (in characters, as the training segments),
+        # state reset, are reported beside it.
+        for length in task.cfg.test_lengths:
+            if length > len(task.splits["test"]):
+                log.warning("test on segments of %d skipped: the test split has %d characters",
+                            length, len(task.splits["test"]))
+                continue
+            with autocast:
+                piece = task.evaluate(model, task.batches("test", seq_len=length))
+            write({"step": step, "split": f"test_len{length}", **piece})
+            out[f"test_len{length}_bpc"] = piece["bpc"]
+            log.info("test on subsequences of %d: bpc %.4f", length, piece["bpc"])
+        with autocast:
+            result = task.evaluate_stream(model, "test")
+        out["test_stream_bpc"] = result["bpc"]
+        out["test_protocol"] = f"whole split as {task.cfg.eval_streams} sequence(s), state carried"
+    else:
+        with autocast:
+            result = task.evaluate(model, task.batches("test"))
+        out["test_protocol"] = "test set, population statistics re-estimated over the training set"
     write({"step": step, "split": "test", **result})
     log.info("test (best checkpoint, step %s, statistics from %d training batches): loss %.4f %s %.4f",
              best_step, estimated, result["loss"], task.metric, result[task.metric])
-    out = {"test_metric": result[task.metric], "test_loss": result["loss"], "test_step": best_step,
-           "estimation_batches": estimated}
-    if task.kind == "language_model":
-        with autocast:
-            stream = task.evaluate_stream(model, "test")
-        write({"step": step, "split": "test_stream", **stream})
-        out["test_stream_bpc"] = stream["bpc"]
-        log.info("test as one sequence per stream: bpc %.4f", stream["bpc"])
+    out.update(test_metric=result[task.metric], test_loss=result["loss"])
     return out

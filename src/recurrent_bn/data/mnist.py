@@ -17,7 +17,10 @@ from recurrent_bn.errors import ConfigError, DataCorruptError
 NUM_PIXELS = 28 * 28
 IMAGE_MAGIC = 2051  # IDX: unsigned bytes, 3 dimensions
 LABEL_MAGIC = 2049  # IDX: unsigned bytes, 1 dimension
-PERMUTATIONS = ("none", "random", "authors")
+PERMUTATIONS = ("none", "random", "authors", "common")
+# The order most later pMNIST papers share: the uRNN/oRNN lineage seeds torch with 5544 and draws randperm(784)
+# (read in tk-rusch/unicornn psMNIST/psMNIST_task.py: `torch.manual_seed(5544)` then `torch.randperm(784)`).
+COMMON_PERMUTATION_SEED = 5544
 
 
 def load_mnist(
@@ -97,11 +100,15 @@ def pixel_order(kind: str, seed: int) -> torch.Tensor | None:
     - ``"authors"``: the authors' pMNIST task. Their code draws ``randint(0, 784, 784)`` at seed 1, i.e. *with
       replacement*, so only 501 distinct pixels are ever seen and some are seen several times. Reproduced
       exactly; ``seed`` is ignored because the authors' seed is part of the task's definition.
+    - ``"common"``: the permutation most later pMNIST papers share (``torch.manual_seed(5544)`` then
+      ``torch.randperm(784)``), so that our numbers can be set beside theirs; ``seed`` is ignored.
     """
     if kind == "none":
         return None
     if kind == "random":
         return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(seed))
+    if kind == "common":
+        return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(COMMON_PERMUTATION_SEED))
     if kind == "authors":
         return torch.from_numpy(np.random.RandomState(1).randint(0, NUM_PIXELS, size=NUM_PIXELS)).long()
     raise ConfigError(f"task.permutation={kind!r} is not allowed; choose one of {', '.join(PERMUTATIONS)}")

@@ -1,0 +1,195 @@
+"""The paper-scale campaign: Figure 2 (sMNIST, pMNIST) and Figure 3a (PTB) at the paper's exact setup, and the
+tanh question's RNNs at the paper's MNIST setup, run to the steps where the paper's figures can be read.
+
+One command that can be run again and again, in every working session, until everything is done:
+
+    python experiments/paper_curves.py              # start missing runs, resume unfinished ones, skip finished ones
+    python experiments/paper_curves.py --status     # how far each run got
+    python experiments/paper_curves.py --collect    # copy the records into results/runs/{paper_curves,tanh_question}/
+
+Run directories live outside the repository, in $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository, like
+../shared), because the work tree may be laid anew between sessions; `--collect` copies each run's record (not its
+checkpoints) into the repository, so that the curves so far survive even if the run directories do not. Each run
+checkpoints every 250 steps, so a stopped session loses at most that much. Runs use one torch thread each; `--jobs
+2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels' thread team loses
+more to a busy neighbour than a second thread gains). Everything runs under `nice` so that interactive work keeps
+the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "results" / "runs" / "paper_curves"
+TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
+RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json")
+# Only the step counts and the validation cadence differ from the paper_* presets.
+COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
+MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
+RUNS: dict[str, list[str]] = {
+    # The tanh question on pMNIST with a true permutation (a linear classifier's ceiling is then order-free); first,
+    # because its four one-layer RNNs are the cheapest runs and together answer one question.
+    **{
+        f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
+                                    "trainer.max_steps=20000", *MNIST]
+        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn")
+    },
+    # Figure 2, sequential MNIST: the paper's BN-LSTM is above 0.95 by about 10k steps.
+    "smnist_lstm_s1": ["experiment=paper_smnist", "model=lstm", "trainer.max_steps=10000", *MNIST],
+    "smnist_bn_lstm_s1": ["experiment=paper_smnist", "model=bn_lstm", "trainer.max_steps=10000", *MNIST],
+    # Figure 2, permuted MNIST with the authors' order (their Table 1 task): read at 10k and 20k steps.
+    "pmnist_lstm_authors_s1": ["experiment=paper_pmnist", "model=lstm", "trainer.max_steps=20000", *MNIST],
+    "pmnist_bn_lstm_authors_s1": ["experiment=paper_pmnist", "model=bn_lstm", "trainer.max_steps=20000", *MNIST],
+    # The tanh question's way out: two BN-linear recurrences with tanh between them.
+    "tanh_pmnist_bn_linear_rnn2_s1": ["experiment=paper_pmnist", "model=bn_linear_rnn2", "task.permutation=random",
+                                      "trainer.max_steps=20000", *MNIST],
+    # Figure 3a, PTB at hidden 1000: read at 800, 4k and 8k steps; validated every 400 on the whole split.
+    "ptb_lstm_s1": ["experiment=paper_ptb", "model=lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
+                    "trainer.log_every=50"],
+    "ptb_bn_lstm_s1": ["experiment=paper_ptb", "model=bn_lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
+                       "trainer.log_every=50"],
+}
+
+
+def campaign_dir() -> Path:
+    return Path(os.environ.get("RBN_CAMPAIGN_DIR", REPO.parent / "rbn_campaign")).expanduser().absolute()
+
+
+def state(run_dir: Path) -> tuple[str, int]:
+    """("finished" | "failed" | "partial" | "missing", last recorded step)."""
+    summary = run_dir / "summary.json"
+    steps = 0
+    if (run_dir / "metrics.csv").exists():
+        with (run_dir / "metrics.csv").open(newline="") as handle:
+            steps = max((int(row["step"]) for row in csv.DictReader(handle) if row["split"] == "train"), default=0)
+    if summary.exists():
+        status = json.loads(summary.read_text()).get("status")
+        if status == "completed":
+            return "finished", steps
+        if status in ("failed", "diverged"):
+            return "failed", steps
+    if (run_dir / "last.pt").exists():
+        return "partial", steps
+    return "missing", steps
+
+
+def running_pid(run_dir: Path) -> int | None:
+    """The pid of a live process this campaign started in `run_dir`, if any (two writers must never share one)."""
+    try:
+        pid = int((run_dir / "campaign.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except (OSError, ValueError):
+        return None
+    return pid if str(run_dir) in cmdline else None  # a recycled pid belongs to something else
+
+
+def command(name: str, run_dir: Path) -> list[str]:
+    base = [sys.executable, "-m", "recurrent_bn.train"]
+    if (run_dir / "last.pt").exists():
+        return [*base, f"resume={run_dir}"]
+    return [*base, *RUNS[name], *COMMON, f"hydra.run.dir={run_dir}"]
+
+
+def launch(name: str, root: Path) -> subprocess.Popen:
+    run_dir = root / name
+    run_state, steps = state(run_dir)
+    if run_state == "missing" and run_dir.exists():
+        print(f"{name}: {run_dir} has no checkpoint; starting it again from step 0", flush=True)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    argv = command(name, run_dir)
+    print(f"{name}: {'resuming at step ' + str(steps) if run_state == 'partial' else 'starting'}: "
+          f"{' '.join(argv[1:])}", flush=True)
+    # The runs import this checkout's package (not whichever one the interpreter has installed), so that a campaign
+    # started from a frozen copy of the repository is not changed by edits to another.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
+    log = (run_dir / "campaign.log").open("a")
+    process = subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
+    (run_dir / "campaign.pid").write_text(str(process.pid))
+    return process
+
+
+def run_all(root: Path, names: list[str], jobs: int) -> int:
+    busy = {n: running_pid(root / n) for n in names if running_pid(root / n)}
+    for name, pid in busy.items():
+        print(f"{name}: already running (pid {pid}); left alone", flush=True)
+    pending = [n for n in names if state(root / n)[0] in ("missing", "partial") and n not in busy]
+    for name in names:
+        if state(root / name)[0] == "finished":
+            print(f"{name}: finished, skipped", flush=True)
+        elif state(root / name)[0] == "failed":
+            print(f"{name}: failed (see {root / name / 'summary.json'}); not restarted", flush=True)
+    running: dict[str, subprocess.Popen] = {}
+    failures = 0
+    while pending or running or busy:
+        for name in [n for n in busy if not running_pid(root / n)]:  # started by an earlier call, now done
+            del busy[name]
+            collect(root, [name])
+        while pending and len(running) + len(busy) < jobs:
+            name = pending.pop(0)
+            running[name] = launch(name, root)
+        time.sleep(5)
+        for name, process in list(running.items()):
+            if process.poll() is not None:
+                del running[name]
+                print(f"{name}: exited {process.returncode}, now {state(root / name)[0]}", flush=True)
+                failures += process.returncode != 0
+                collect(root, [name])
+    return 1 if failures else 0
+
+
+def collect(root: Path, names: list[str]) -> None:
+    """Copy each run's record (no checkpoints) into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*)."""
+    for name in names:
+        source = root / name
+        if not source.exists():
+            continue
+        target = (TANH_RESULTS if name.startswith("tanh_") else RESULTS) / name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in RECORD:
+            if (source / file).exists():
+                shutil.copy2(source / file, target / file)
+        if (source / ".hydra").exists():
+            shutil.copytree(source / ".hydra", target / ".hydra", dirs_exist_ok=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
+    parser.add_argument("--only", nargs="*", default=None, help=f"a subset of: {' '.join(RUNS)}")
+    parser.add_argument("--status", action="store_true", help="print each run's state and stop")
+    parser.add_argument("--collect", action="store_true", help="copy the records into results/ and stop")
+    args = parser.parse_args()
+    names = args.only or list(RUNS)
+    unknown = sorted(set(names) - set(RUNS))
+    if unknown:
+        parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    root = campaign_dir()
+    if args.status:
+        for name in names:
+            run_state, steps = state(root / name)
+            run_state = "running" if running_pid(root / name) else run_state
+            target = next((o.split("=")[1] for o in RUNS[name] if o.startswith("trainer.max_steps=")), "?")
+            print(f"{name:32s} {run_state:9s} step {steps:>6} of {target}")
+        return 0
+    if args.collect:
+        collect(root, names)
+        print(f"copied the records of {root} into {RESULTS.relative_to(REPO)} and {TANH_RESULTS.relative_to(REPO)}")
+        return 0
+    print(f"campaign directory: {root}", flush=True)
+    return run_all(root, names, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The tanh question's gradient answer: ‖∂loss/∂h_t‖ over t on permuted MNIST (true permutation) for rnn, bn_rnn,
+bn_linear_rnn, ln_rnn and bn_linear_rnn2, at initialization (γ = 0.1 and 1.0, the paper's MNIST setup) and, where
+the campaign's run of the model has a checkpoint, after training (its last.pt, at the γ it was trained with).
+
+    python experiments/tanh_gradients.py     # writes results/analysis/tanh_gradients.csv and .json
+
+The per-step factor is the geometric mean of g_t / g_{t+1} over the last 400 steps (backwards in time): below 1 the
+gradient vanishes into the past, above 1 it explodes. Needs MNIST; the trained rows need $RBN_CAMPAIGN_DIR's runs.
+"""
+
+
+import numpy as np
+import pandas as pd
+import torch
+from _launch import analysis_root
+from paper_curves import campaign_dir
+
+from recurrent_bn import analysis
+from recurrent_bn.models import build_model
+
+MODELS = ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn", "bn_linear_rnn2")
+PRESET = ["experiment=paper_pmnist", "task.permutation=random", "model.init_state_noise=0"]
+WINDOW = 400
+
+
+def factor(log10_norms: np.ndarray) -> float:
+    """Geometric mean over the last WINDOW steps of the backward ratio g_t / g_{t+1}."""
+    tail = log10_norms[-WINDOW:]
+    return float(10 ** ((tail[0] - tail[-1]) / (len(tail) - 1)))
+
+
+def flows(x, y) -> pd.DataFrame:
+    frames = []
+    campaign = campaign_dir()
+    for model in MODELS:
+        gammas = (None,) if model == "rnn" else (0.1, 1.0)
+        for gamma in gammas:
+            overrides = PRESET + ([f"model.gamma_init={gamma}"] if gamma is not None else [])
+            torch.manual_seed(0)
+            network = build_model(analysis.compose_config(model, overrides, task="pmnist"))
+            frames.append(frame(network, x, y, model, gamma, "initialization"))
+        run_dir = campaign / f"tanh_pmnist_{model}_s1"
+        if (run_dir / "last.pt").exists():
+            network, cfg = analysis.load_trained_model(run_dir, "last.pt")
+            step = torch.load(run_dir / "last.pt", weights_only=True)["step"]
+            gamma = float(cfg.model.gamma_init) if cfg.model.norm != "none" else None
+            frames.append(frame(network, x, y, model, gamma, f"trained ({step} steps)"))
+    return pd.concat(frames, ignore_index=True)
+
+
+def frame(network, x, y, model, gamma, when) -> pd.DataFrame:
+    flow = analysis.gradient_flow(network, x, y, seed=0)
+    print(f"{model:15s} gamma={gamma!s:5s} {when:22s} factor/step {factor(flow['log10_grad_norm']):.4f} "
+          f"log10 norm t=1 {flow['log10_grad_norm'][0]:.1f}, t=T {flow['log10_grad_norm'][-1]:.1f}", flush=True)
+    return pd.DataFrame({"model": model, "gamma_init": np.nan if gamma is None else gamma, "when": when,
+                         "t": flow["t"], "log10_grad_norm": flow["log10_grad_norm"]})
+
+
+if __name__ == "__main__":
+    x, y = analysis.mnist_batch(task="pmnist", size=100)
+    table = flows(x, y)
+    summary = [{"model": m, "gamma_init": g, "when": w, "factor_per_step": factor(group["log10_grad_norm"].to_numpy()),
+                "log10_at_t1": group["log10_grad_norm"].iloc[0], "log10_at_T": group["log10_grad_norm"].iloc[-1]}
+               for (m, g, w), group in table.groupby(["model", "gamma_init", "when"], dropna=False, sort=False)]
+    meta = analysis.provenance(window=WINDOW, overrides=PRESET, factors=summary)
+    analysis.write_analysis(table, analysis_root() / "tanh_gradients.csv", meta)
+    print(pd.DataFrame(summary).to_string(index=False))
