@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -1214,6 +1215,31 @@ struct TeamOverRows {
   TeamOverRows& operator=(const TeamOverRows&) = delete;
 };
 
+// Runs body(rows, id) on every thread of an OpenMP team over the B rows, for as many threads as asked where the
+// runtime gives them. It may give fewer (OMP_THREAD_LIMIT, a call from inside another parallel region,
+// omp_set_dynamic): a team split for more threads than it has would leave rows unwritten and its barrier waiting
+// forever. Then no thread starts, and the team is split again for the size obtained, down to one thread, which
+// every runtime gives. Returns the team that ran, for its size and split.
+template <typename T, typename Body>
+std::unique_ptr<TeamOverRows<T>> run_team(int64_t threads, int64_t B, int64_t width, const Body& body) {
+  for (int64_t size = threads;;) {
+    auto rows = std::make_unique<TeamOverRows<T>>(size, B, width);
+    size = rows->team.size;
+    std::atomic<int64_t> obtained{size};
+#pragma omp parallel num_threads(size)
+    {
+      const int64_t n = omp_get_num_threads();
+      if (n == size) {
+        body(*rows, static_cast<int64_t>(omp_get_thread_num()));
+      } else {
+        obtained.store(n, std::memory_order_relaxed);
+      }
+    }
+    if (obtained.load() == size) return rows;
+    size = obtained.load();
+  }
+}
+
 template <typename T>
 void fill_terms(Problem<T>& p, const std::vector<TermTensors>& terms) {
   Term<T>* targets[3] = {&p.in, &p.hh, &p.cell};
@@ -1277,11 +1303,14 @@ std::vector<Tensor> column_moments_impl(const Tensor& x, const Tensor& mask, int
 #pragma omp parallel num_threads(team)
   {
     omp_set_num_threads(1);  // see forward_impl
-    const int64_t id = omp_get_thread_num(), r0 = N * id / team, r1 = N * (id + 1) / team;
-    int64_t c = 0;
-    for (int64_t r = r0; r < r1; ++r) c += is_active(m, r);
-    counts[id] = T(c);
-    k.moments(data + r0 * F, F, r1 - r0, F, m + r0, T(c), means.data() + id * F, m2s.data() + id * F);
+    // The chunks go round the threads the runtime gave, which may be fewer than asked (see run_team).
+    for (int64_t j = omp_get_thread_num(); j < team; j += omp_get_num_threads()) {
+      const int64_t r0 = N * j / team, r1 = N * (j + 1) / team;
+      int64_t c = 0;
+      for (int64_t r = r0; r < r1; ++r) c += is_active(m, r);
+      counts[j] = T(c);
+      k.moments(data + r0 * F, F, r1 - r0, F, m + r0, T(c), means.data() + j * F, m2s.data() + j * F);
+    }
   }
   T total = 0;
   for (T c : counts) total += c;
@@ -1359,23 +1388,19 @@ std::vector<Tensor> forward_impl(const Tensor& P, const Tensor& h0, const Tensor
     stats.insert(stats.end(), {mean, var, row_mean, row_rstd});
   }
 
-  TeamOverRows<T> rows(threads, B, G);
-  const auto& parts = rows.parts;
-  const Team<T>& team = rows.team;
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
-  const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, parts[0].second - parts[0].first);
+  const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, split_rows(threads, B)[0].second);
   const int64_t ldr = packed ? Wp.size(0) * kPanel : G;
   for (auto& entry : forward_profile) entry = {0, 0, 0};
 
-#pragma omp parallel num_threads(team.size)
-  {
+  run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
     // Whatever runs inside (oneDNN's products, ATen) stays on this thread: with a team of one the region is
     // inactive, and oneDNN would otherwise fork a team of its own for every small product.
     omp_set_num_threads(1);
     c10::AutoGradMode no_grad(false);
-    const int64_t id = omp_get_thread_num();
-    const auto [b0, b1] = parts[id];
+    const Team<T>& team = rows.team;
+    const auto [b0, b1] = rows.parts[id];
     Scratch<T> s;
     s.init(b1 - b0, H);
     load_shared_stats(p, s);
@@ -1401,7 +1426,7 @@ std::vector<Tensor> forward_impl(const Tensor& P, const Tensor& h0, const Tensor
     }
     const double total = seconds() - start;
     forward_profile[id] = {matmul, elementwise - barrier_wait[id], total - matmul - elementwise + barrier_wait[id]};
-  }
+  });
 
   const int64_t last = save ? S : (S & 1);
   std::vector<Tensor> result = {out, hs.select(0, last).clone(), cs.select(0, last).clone()};
@@ -1453,23 +1478,20 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
   p.DR = DR.data_ptr<T>();
   p.dP = dP.data_ptr<T>();
 
-  TeamOverRows<T> rows(threads, B, G);
-  const auto& parts = rows.parts;
-  const Team<T>& team = rows.team;
-  std::vector<Accumulators<T>> accs(team.size);
+  // One set of sums per thread of the largest team run_team may form; those of threads that never ran stay empty.
+  std::vector<Accumulators<T>> accs(split_rows(threads, B).size());
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
   // dh_{t-1} = DR_t W_h, the product with W_h^T transposed.
-  const Tensor WT = packed ? pack_panels(W.t()) : prepare_weight(W.t().contiguous(), parts[0].second - parts[0].first);
+  const Tensor WT = packed ? pack_panels(W.t()) : prepare_weight(W.t().contiguous(), split_rows(threads, B)[0].second);
   const int64_t ldh = packed ? WT.size(0) * kPanel : H;
   for (auto& entry : backward_profile) entry = {0, 0, 0};
 
-#pragma omp parallel num_threads(team.size)
-  {
+  const int64_t team_size = run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
     omp_set_num_threads(1);  // see forward_impl
     c10::AutoGradMode no_grad(false);
-    const int64_t id = omp_get_thread_num();
-    const auto [b0, b1] = parts[id];
+    const Team<T>& team = rows.team;
+    const auto [b0, b1] = rows.parts[id];
     Scratch<T> s;
     s.init(b1 - b0, H);
     load_shared_stats(p, s);
@@ -1508,7 +1530,7 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
     }
     const double total = seconds() - start;
     backward_profile[id] = {matmul, elementwise - barrier_wait[id], total - matmul - elementwise + barrier_wait[id]};
-  }
+  })->team.size;
 
   // Parameter gradients: the per-thread sums, and dW_h = sum_t DR_t^T h_{t-1} as one product.
   const double weight_start = seconds();
@@ -1520,8 +1542,8 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
   auto reduce = [&](std::vector<T> Accumulators<T>::*member, int64_t size) {
     Tensor total = at::zeros({size}, opts);
     T* d = total.data_ptr<T>();
-    for (const auto& acc : accs) {
-      const std::vector<T>& v = acc.*member;
+    for (int64_t j = 0; j < team_size; ++j) {
+      const std::vector<T>& v = accs[j].*member;
       for (int64_t i = 0; i < size; ++i) d[i] += v[i];
     }
     return total;
