@@ -15,7 +15,7 @@ results/bench.md. glibc malloc tuning (recurrent_bn.malloc) is applied at start-
 it times a subset for comparison. Denormals are flushed to zero for every implementation, as the trainer does
 (`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s backward through 784 steps decays into denormals and
 ran 8x slower with them. `--oversubscribed` times the BN-LSTM training step on one and on two threads while another
-process keeps one core busy. The script prints numbers; it asserts nothing.
+process keeps one core busy (see `oversubscribed`). The script prints numbers; it asserts nothing.
 
     python scripts/bench.py                 # everything (about 10-15 minutes on 2 cores)
     python scripts/bench.py --quick         # pMNIST and PTB shapes, 2 repeats
@@ -329,35 +329,51 @@ SMNIST = {"steps": 784, "input": 1, "hidden": 100, "batch": 100}
 
 
 def oversubscribed(args, log, rounds: int = 6) -> list[dict]:
-    """bn_lstm (fused) training steps at the sMNIST shape on one and on two threads, interleaved, while a child
-    process spins on CPU 0: a thread team must not be much slower than one thread when a core is taken."""
+    """bn_lstm (fused) training steps at the sMNIST shape on one thread and on two, interleaved, while a child
+    process spins on CPU 0: a thread team must not be much slower than one thread when a core is taken. Two threads
+    run three ways: as shipped (barrier spin 10 us, then falling back to one thread after a call that mostly waited),
+    without the fallback, and without it with a 200 us spin (about the earlier barrier's 4096 pause instructions)."""
     torch.manual_seed(0)
     shape = SMNIST
     model = rb.LSTM(shape["input"], shape["hidden"], norm="bn", max_length=shape["steps"], backend="fused")
     step = make_step(model, torch.randn(shape["steps"], shape["batch"], shape["input"]), "train")
+    extension = fused._extension
+    # name: (threads, barrier spin in seconds, fall back to one thread)
+    variants = {"1 thread": (1, 1e-5, True), "2 threads": (2, 1e-5, True),
+                "2 threads, no fallback": (2, 1e-5, False), "2 threads, no fallback, 200 us spin": (2, 2e-4, False)}
     spin = "import os\nos.sched_setaffinity(0, {0})\nwhile True:\n    pass\n"
     busy = subprocess.Popen([sys.executable, "-c", spin])
     threads_before = torch.get_num_threads()
-    times = {1: [], 2: []}
+    times = {name: [] for name in variants}
     try:
         time.sleep(0.5)
         for repeat in range(rounds + 1):
-            for threads in (1, 2) if repeat % 2 else (2, 1):
+            names = list(variants) if repeat % 2 else list(variants)[::-1]
+            for name in names:
+                threads, spin_seconds, fallback = variants[name]
                 torch.set_num_threads(threads)
-                elapsed = timed(step)
+                extension.set_barrier_spin(spin_seconds)
+                extension.set_team_fallback(fallback)
+                elapsed = (timed(step) + timed(step)) / 2
                 model.zero_grad(set_to_none=True)
                 if repeat:  # the first round is warm-up
-                    times[threads].append(elapsed)
+                    times[name].append(elapsed)
     finally:
         busy.kill()
         busy.wait()
         torch.set_num_threads(threads_before)
-    rows = [{"shape": "smnist-busy-core", **shape, "impl": f"bn_lstm/fused, {threads} thread(s)", "mode": "train",
+        extension.set_barrier_spin(1e-5)
+        extension.set_team_fallback(True)
+    rows = [{"shape": "smnist-busy-core", **shape, "impl": f"bn_lstm/fused, {name}", "mode": "train",
              "repeats": len(values), "ms_median": 1e3 * statistics.median(values), "ms_min": 1e3 * min(values),
-             "ms_max": 1e3 * max(values)} for threads, values in times.items()]
-    log(f"one core busy, sMNIST shape (B {shape['batch']}): bn_lstm fused training step "
-        f"{rows[0]['ms_median']:.0f} ms on 1 thread, {rows[1]['ms_median']:.0f} ms on 2 threads "
-        f"(2 threads / 1 thread = {rows[1]['ms_median'] / rows[0]['ms_median']:.2f})")
+             "ms_max": 1e3 * max(values)} for name, values in times.items()]
+    one = rows[0]["ms_median"]
+    load = os.getloadavg()[0]
+    log(f"CPU 0 busy, load average {load:.1f} on {os.cpu_count()} CPUs, sMNIST shape (B {shape['batch']}), "
+        f"bn_lstm fused training step, median of {rounds} means of 2 steps:")
+    for row in rows:
+        name = row["impl"].split(", ", 1)[1]
+        log(f"  {name:38s} {row['ms_median']:7.0f} ms  ({row['ms_median'] / one:.2f}x 1 thread)")
     return rows
 
 

@@ -228,31 +228,38 @@ inline double seconds() {
 constexpr int64_t kMaxTeam = 64;
 double barrier_wait[kMaxTeam];
 
-// The barrier between the threads of a team at batch-normalized steps. It spins for a few tens of microseconds
-// (a healthy wait is about one), then sleeps on a futex. OpenMP's barrier spins far longer before sleeping: when
-// another process keeps a core busy and a thread of the team is descheduled, every one of the ~1600 barriers of a
-// pMNIST step then burned ~0.4 ms, and the step ran 5-7x slower on two threads than on one. Sleeping frees the core,
-// so the scheduler can run the late thread there at once.
+// The barrier between the threads of a team at batch-normalized steps. A waiter spins for at most spin_seconds
+// (a healthy wait is about a microsecond: the team works in lockstep), then sleeps on a futex until the last thread
+// arrives. The spin is bounded by the clock, not by a count of pause instructions: a pause takes 10 cycles on some
+// CPUs and 140 on others, and 4096 of them were up to 200 us. OpenMP's own barrier spins far longer. When another
+// process keeps a core busy, a thread of the team is descheduled for whole time slices; a waiter that keeps spinning
+// holds the one core the late thread could run on, and every one of the thousands of barriers of a step pays for it.
+// Sleeping frees the core, so the scheduler can run the late thread there at once.
+std::atomic<double> spin_seconds{1e-5};
+
 struct TeamBarrier {
   std::atomic<int64_t> arrived{0};
-  std::atomic<int64_t> phase{0};
+  std::atomic<uint32_t> phase{0};  // 32 bits: then std::atomic::wait is a futex on the variable itself (Linux)
   int64_t size = 1;
 
   void wait() {
-    const int64_t current = phase.load(std::memory_order_acquire);
+    const uint32_t current = phase.load(std::memory_order_acquire);
     if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == size) {
       arrived.store(0, std::memory_order_relaxed);
       phase.store(current + 1, std::memory_order_release);
       phase.notify_all();
       return;
     }
-    for (int spin = 0; spin < 4096; ++spin) {
-      if (phase.load(std::memory_order_acquire) != current) return;
+    const double deadline = seconds() + spin_seconds.load(std::memory_order_relaxed);
+    for (int spin = 1; phase.load(std::memory_order_acquire) == current; ++spin) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif
+      if (spin % 16 == 0 && seconds() > deadline) {
+        while (phase.load(std::memory_order_acquire) == current) phase.wait(current, std::memory_order_acquire);
+        return;
+      }
     }
-    while (phase.load(std::memory_order_acquire) == current) phase.wait(current, std::memory_order_acquire);
   }
 };
 
@@ -1215,6 +1222,35 @@ struct TeamOverRows {
   TeamOverRows& operator=(const TeamOverRows&) = delete;
 };
 
+// When the threads of a team spent more than half of a call waiting for each other at barriers, the team ran slower
+// than one thread would have: the machine has fewer cores free than the team has threads (another process holds a
+// core; every thread of a parallel sweep asks for all of them). A barrier cannot fix that: a waiter that spins
+// holds a core, one that sleeps waits for the scheduler to give one back, thousands of times per sequence. So the
+// next calls run on one thread, for a number of calls that doubles while it recurs (4 up to 256), and then the team
+// is tried again. Results then differ from the team's in rounding only (the batch statistics are summed per thread).
+std::atomic<bool> team_fallback{true};
+std::atomic<int64_t> solo_calls_left{0}, solo_calls_next{4};
+
+int64_t team_threads(int64_t threads) {
+  if (threads <= 1 || !team_fallback.load()) return threads;
+  if (solo_calls_left.load() <= 0) return threads;
+  solo_calls_left.fetch_sub(1);
+  return 1;
+}
+
+void record_team(int64_t size, double elapsed) {
+  if (size <= 1 || !team_fallback.load()) return;
+  double waited = 0;
+  for (int64_t id = 0; id < size; ++id) waited += barrier_wait[id];
+  if (waited / size > 0.5 * elapsed) {
+    const int64_t calls = solo_calls_next.load();
+    solo_calls_left.store(calls);
+    solo_calls_next.store(std::min<int64_t>(2 * calls, 256));
+  } else {
+    solo_calls_next.store(4);
+  }
+}
+
 // Runs body(rows, id) on every thread of an OpenMP team over the B rows, for as many threads as asked where the
 // runtime gives them. It may give fewer (OMP_THREAD_LIMIT, a call from inside another parallel region,
 // omp_set_dynamic): a team split for more threads than it has would leave rows unwritten and its barrier waiting
@@ -1222,10 +1258,11 @@ struct TeamOverRows {
 // every runtime gives. Returns the team that ran, for its size and split.
 template <typename T, typename Body>
 std::unique_ptr<TeamOverRows<T>> run_team(int64_t threads, int64_t B, int64_t width, const Body& body) {
-  for (int64_t size = threads;;) {
+  for (int64_t size = team_threads(threads);;) {
     auto rows = std::make_unique<TeamOverRows<T>>(size, B, width);
     size = rows->team.size;
     std::atomic<int64_t> obtained{size};
+    const double start = seconds();
 #pragma omp parallel num_threads(size)
     {
       const int64_t n = omp_get_num_threads();
@@ -1235,7 +1272,10 @@ std::unique_ptr<TeamOverRows<T>> run_team(int64_t threads, int64_t B, int64_t wi
         obtained.store(n, std::memory_order_relaxed);
       }
     }
-    if (obtained.load() == size) return rows;
+    if (obtained.load() == size) {
+      record_team(size, seconds() - start);
+      return rows;
+    }
     size = obtained.load();
   }
 }
@@ -1649,6 +1689,12 @@ void set_onednn(bool enabled) { use_onednn = enabled; }
 
 void set_packed_gemm(bool enabled) { use_packed = enabled; }
 
+// Tuning and tests: how long a barrier spins before it sleeps, whether a team that mostly waited falls back to one
+// thread for the next calls.
+void set_barrier_spin(double seconds) { spin_seconds.store(seconds); }
+
+void set_team_fallback(bool enabled) { team_fallback.store(enabled); }
+
 bool onednn_available() { return onednn_linear().has_value(); }
 
 // [threads][matrix products, elementwise, barriers] of the last forward and backward, and the dW_h product.
@@ -1671,6 +1717,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_variant", &rbn::kernel_variant);
   m.def("set_onednn", &rbn::set_onednn);
   m.def("set_packed_gemm", &rbn::set_packed_gemm);
+  m.def("set_barrier_spin", &rbn::set_barrier_spin);
+  m.def("set_team_fallback", &rbn::set_team_fallback);
   m.def("onednn_available", &rbn::onednn_available);
   m.def("last_profile", &rbn::last_profile);
 }
