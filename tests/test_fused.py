@@ -48,12 +48,17 @@ SHAPES = {
 
 @pytest.fixture
 def threads(monkeypatch):
-    """Run the kernels on `n` threads regardless of size (they stay correct on one core)."""
+    """Run the kernels on `n` threads regardless of size (they stay correct on one core), and on all of them: a busy
+    machine would otherwise make a team that mostly waits fall back to one thread for the next calls."""
 
     def use(n):
         monkeypatch.setattr(fused, "threads_for", lambda batch, hidden: n)
 
-    return use
+    if fused.available():
+        fused._extension.set_team_fallback(False)
+    yield use
+    if fused.available():
+        fused._extension.set_team_fallback(True)
 
 
 def randomize(model, seed=0):
@@ -367,3 +372,24 @@ def test_fused_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
     errors = dict(line.split() for line in result.stdout.strip().splitlines())
     assert list(errors) == ["none", "ln", "bn", "bn-shared"], result.stdout
     assert all(float(error) < TOL for error in errors.values()), errors
+
+
+def test_the_build_name_changes_with_any_source_byte_flag_or_torch_and_is_stable_otherwise(tmp_path, monkeypatch):
+    # The extension cache keys an entry by name and rebuilds it whenever its inputs differ from the last build: a
+    # name shared by two checkouts or environments made them rebuild it in turn.
+    source = tmp_path / "lstm.cpp"
+    source.write_bytes(fused.SOURCES[0].read_bytes())
+    name = fused.build_name([source])
+    assert name.startswith(fused.EXTENSION_NAME + "_") and name.isidentifier()
+    assert fused.build_name([source]) == name
+    assert fused.build_name() == fused.build_name() != name  # the package's own sources, elsewhere
+    assert fused.build_name([source], cflags=(*fused.CFLAGS, "-g")) != name
+    assert fused.build_name([source], ldflags=()) != name
+    text = bytearray(source.read_bytes())
+    text[len(text) // 2] ^= 1
+    source.write_bytes(bytes(text))
+    assert fused.build_name([source]) != name
+    source.write_bytes(fused.SOURCES[0].read_bytes())
+    assert fused.build_name([source]) == name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert fused.build_name([source]) != name
