@@ -12,11 +12,15 @@ Reported per implementation and mode: ms per step (median, min-max), the ratio t
 per-timestep BN-LSTM in the same mode, sequences per second, the achieved GFLOP/s of the matrix products, and the
 peak memory of a training step. The rows go to results/bench.csv (with the machine description) and the tables to
 results/bench.md. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; a child process started without
-it times a subset for comparison. The script prints numbers; it asserts nothing.
+it times a subset for comparison. Denormals are flushed to zero for every implementation, as the trainer does
+(`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s backward through 784 steps decays into denormals and
+ran 8x slower with them. `--oversubscribed` times the BN-LSTM training step on one and on two threads while another
+process keeps one core busy (see `oversubscribed`). The script prints numbers; it asserts nothing.
 
     python scripts/bench.py                 # everything (about 10-15 minutes on 2 cores)
     python scripts/bench.py --quick         # pMNIST and PTB shapes, 2 repeats
     python scripts/bench.py --shapes ptb --impls nn,bn_lstm
+    python scripts/bench.py --oversubscribed    # only the busy-core measurement (about a minute)
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ def parse_args(argv=None):
     parser.add_argument("--malloc", choices=("on", "off"), default="on", help="apply the glibc malloc tuning")
     parser.add_argument("--no-malloc-compare", action="store_true", help="skip the child run without tuning")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    parser.add_argument("--oversubscribed", action="store_true",
+                        help="only time bn_lstm (fused) on 1 and 2 threads with another process busy on one core")
+    parser.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                        help="flush denormals to zero (default, as the trainer does) or keep them")
     parser.add_argument("--out", default=str(ROOT / "results"), help="folder for bench.csv and bench.md")
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # child runs: write rows here
     return parser.parse_args(argv)
@@ -85,6 +93,9 @@ from torch.nn import functional as F  # noqa: E402
 
 import recurrent_bn as rb  # noqa: E402
 from recurrent_bn import fused  # noqa: E402
+
+# Before any timing, for every implementation alike (False where the CPU has no such mode).
+FLUSH_DENORMAL = torch.set_flush_denormal(True) if ARGS is not None and ARGS.denormals == "flush" else False
 
 
 class PerTimestepBNLSTM(nn.Module):
@@ -221,6 +232,7 @@ def machine() -> dict:
         "libc": "-".join(platform.libc_ver()),
         "fused_kernels": fused.kernel_variant() or f"unavailable ({fused.unavailable_reason()})",
         "malloc_tuned": MALLOC_TUNED,
+        "flush_denormal": FLUSH_DENORMAL,
     }
 
 
@@ -298,7 +310,8 @@ def malloc_comparison(args, log) -> list[dict]:
     out = Path(args.out) / ".bench-malloc-off.json"
     command = [sys.executable, str(Path(__file__).resolve()), "--malloc", "off", "--no-malloc-compare",
                "--no-memory", "--shapes", ",".join(shapes), "--impls", "nn,bn_lstm/fused", "--modes", "train",
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--json", str(out)]
+               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--denormals", args.denormals,
+               "--json", str(out)]
     if args.threads:
         command += ["--threads", str(args.threads)]
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
@@ -309,6 +322,58 @@ def malloc_comparison(args, log) -> list[dict]:
         return []
     rows = json.loads(out.read_text())
     out.unlink()
+    return rows
+
+
+SMNIST = {"steps": 784, "input": 1, "hidden": 100, "batch": 100}
+
+
+def oversubscribed(args, log, rounds: int = 6) -> list[dict]:
+    """bn_lstm (fused) training steps at the sMNIST shape on one thread and on two, interleaved, while a child
+    process spins on CPU 0: a thread team must not be much slower than one thread when a core is taken. Two threads
+    run three ways: as shipped (barrier spin 10 us, then falling back to one thread after a call that mostly waited),
+    without the fallback, and without it with a 200 us spin (about the earlier barrier's 4096 pause instructions)."""
+    torch.manual_seed(0)
+    shape = SMNIST
+    model = rb.LSTM(shape["input"], shape["hidden"], norm="bn", max_length=shape["steps"], backend="fused")
+    step = make_step(model, torch.randn(shape["steps"], shape["batch"], shape["input"]), "train")
+    extension = fused._extension
+    # name: (threads, barrier spin in seconds, fall back to one thread)
+    variants = {"1 thread": (1, 1e-5, True), "2 threads": (2, 1e-5, True),
+                "2 threads, no fallback": (2, 1e-5, False), "2 threads, no fallback, 200 us spin": (2, 2e-4, False)}
+    spin = "import os\nos.sched_setaffinity(0, {0})\nwhile True:\n    pass\n"
+    busy = subprocess.Popen([sys.executable, "-c", spin])
+    threads_before = torch.get_num_threads()
+    times = {name: [] for name in variants}
+    try:
+        time.sleep(0.5)
+        for repeat in range(rounds + 1):
+            names = list(variants) if repeat % 2 else list(variants)[::-1]
+            for name in names:
+                threads, spin_seconds, fallback = variants[name]
+                torch.set_num_threads(threads)
+                extension.set_barrier_spin(spin_seconds)
+                extension.set_team_fallback(fallback)
+                elapsed = (timed(step) + timed(step)) / 2
+                model.zero_grad(set_to_none=True)
+                if repeat:  # the first round is warm-up
+                    times[name].append(elapsed)
+    finally:
+        busy.kill()
+        busy.wait()
+        torch.set_num_threads(threads_before)
+        extension.set_barrier_spin(1e-5)
+        extension.set_team_fallback(True)
+    rows = [{"shape": "smnist-busy-core", **shape, "impl": f"bn_lstm/fused, {name}", "mode": "train",
+             "repeats": len(values), "ms_median": 1e3 * statistics.median(values), "ms_min": 1e3 * min(values),
+             "ms_max": 1e3 * max(values)} for name, values in times.items()]
+    one = rows[0]["ms_median"]
+    load = os.getloadavg()[0]
+    log(f"CPU 0 busy, load average {load:.1f} on {os.cpu_count()} CPUs, sMNIST shape (B {shape['batch']}), "
+        f"bn_lstm fused training step, median of {rounds} means of 2 steps:")
+    for row in rows:
+        name = row["impl"].split(", ", 1)[1]
+        log(f"  {name:38s} {row['ms_median']:7.0f} ms  ({row['ms_median'] / one:.2f}x 1 thread)")
     return rows
 
 
@@ -382,6 +447,10 @@ def main(args) -> None:
     def log(message):
         print(message, file=sys.stderr if args.json else sys.stdout, flush=True)
 
+    if args.oversubscribed:
+        fused.available()
+        oversubscribed(args, log)
+        return
     names = args.shapes.split(",") if args.shapes else list(SHAPES)
     unknown = [n for n in names if n not in SHAPES]
     if unknown:

@@ -48,12 +48,17 @@ SHAPES = {
 
 @pytest.fixture
 def threads(monkeypatch):
-    """Run the kernels on `n` threads regardless of size (they stay correct on one core)."""
+    """Run the kernels on `n` threads regardless of size (they stay correct on one core), and on all of them: a busy
+    machine would otherwise make a team that mostly waits fall back to one thread for the next calls."""
 
     def use(n):
         monkeypatch.setattr(fused, "threads_for", lambda batch, hidden: n)
 
-    return use
+    if fused.available():
+        fused._extension.set_team_fallback(False)
+    yield use
+    if fused.available():
+        fused._extension.set_team_fallback(True)
 
 
 def randomize(model, seed=0):
@@ -333,3 +338,58 @@ def test_disable_environment_variable_gives_working_layers_and_one_warning():
     lines = result.stdout.strip().splitlines()
     assert lines[0] == "1"
     assert "RBN_DISABLE_FUSED" in lines[1] and "backend='reference'" in lines[1]
+
+
+LIMITED_TEAM_SCRIPT = """
+import copy, sys, torch, recurrent_bn as rb
+torch.set_num_threads(1)  # MKL's QR (the orthogonal initialisation) itself hangs under OMP_THREAD_LIMIT=1
+torch.manual_seed(0)
+variants = {"none": {}, "ln": {"norm": "ln"}, "bn": {"norm": "bn"},
+            "bn-shared": {"norm": "bn", "share_statistics_over_time": True}}
+models = {name: rb.LSTM(5, 64, backend="fused", max_length=12, **kwargs).double() for name, kwargs in variants.items()}
+x = torch.randn(12, 32, 5, dtype=torch.float64)
+torch.set_num_threads(2)  # B 32 x H 64 is split over two threads, which OpenMP will not give
+for name, fast in models.items():
+    slow = copy.deepcopy(fast)
+    slow.backend = "reference"
+    for model in (fast, slow):
+        output, (h, c) = model(x)
+        (output.sum() + (h * c).sum()).backward()
+    pairs = [(fast(x)[0], slow(x)[0])] + [(p.grad, q.grad) for p, q in zip(fast.parameters(), slow.parameters())]
+    pairs += list(zip(fast.buffers(), slow.buffers()))
+    print(name, max((a - b).abs().max().item() for a, b in pairs), flush=True)
+"""
+
+
+@needs_fused
+def test_fused_kernels_are_right_when_openmp_gives_fewer_threads_than_asked():
+    # OMP_THREAD_LIMIT=1 caps every team at one thread while PyTorch asks for two: the kernels must split the rows
+    # over the team they got (before, rows 16-31 came back wrong and the batch-norm barrier waited forever).
+    environment = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    result = subprocess.run([sys.executable, "-c", LIMITED_TEAM_SCRIPT], env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    errors = dict(line.split() for line in result.stdout.strip().splitlines())
+    assert list(errors) == ["none", "ln", "bn", "bn-shared"], result.stdout
+    assert all(float(error) < TOL for error in errors.values()), errors
+
+
+def test_the_build_name_changes_with_any_source_byte_flag_or_torch_and_is_stable_otherwise(tmp_path, monkeypatch):
+    # The extension cache keys an entry by name and rebuilds it whenever its inputs differ from the last build: a
+    # name shared by two checkouts or environments made them rebuild it in turn.
+    source = tmp_path / "lstm.cpp"
+    source.write_bytes(fused.SOURCES[0].read_bytes())
+    name = fused.build_name([source])
+    assert name.startswith(fused.EXTENSION_NAME + "_") and name.isidentifier()
+    assert fused.build_name([source]) == name
+    assert fused.build_name() == fused.build_name() != name  # the package's own sources, elsewhere
+    assert fused.build_name([source], cflags=(*fused.CFLAGS, "-g")) != name
+    assert fused.build_name([source], ldflags=()) != name
+    text = bytearray(source.read_bytes())
+    text[len(text) // 2] ^= 1
+    source.write_bytes(bytes(text))
+    assert fused.build_name([source]) != name
+    source.write_bytes(fused.SOURCES[0].read_bytes())
+    assert fused.build_name([source]) == name
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert fused.build_name([source]) != name

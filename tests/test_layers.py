@@ -571,3 +571,17 @@ def test_identity_recurrent_init_sets_the_candidate_block():
 def test_bad_arguments_say_what_is_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match):
         rb.LSTM(3, 5, **kwargs)
+
+
+def test_a_state_dict_trained_longer_than_the_population_slots_is_refused_at_load():
+    # trained_length counts populated slots, so it can never exceed them; a state dict that says otherwise (edited,
+    # or from another version) used to load and fail later in evaluation with an IndexError.
+    m = rb.LSTM(3, 5, norm="bn", max_length=10)
+    state = m.state_dict()
+    state["norm_ih_l0.trained_length"] = torch.tensor(12)
+    with pytest.raises(ValueError, match=r"norm_ih_l0\.trained_length is 12 .* 10 population slots"):
+        m.load_state_dict(state)
+    state["norm_ih_l0.trained_length"] = torch.tensor(10)
+    m.load_state_dict(state)
+    m.eval()
+    m(torch.randn(14, 2, 3))  # past max_length: the last slot

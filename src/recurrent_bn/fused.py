@@ -2,9 +2,10 @@
 
 `recurrence.lstm` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
 float64 on the CPU. The kernels (`csrc/lstm.cpp`) are compiled with `torch.utils.cpp_extension` the first time they
-are needed (about 20-40 s, once per machine and PyTorch version) and loaded from PyTorch's extension cache
-(`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards. Without a working compiler, or with the
-environment variable `RBN_DISABLE_FUSED=1`, `available()` is False and the layers run the reference loops.
+are needed (about 20-40 s) and loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or
+`$TORCH_EXTENSIONS_DIR`) afterwards, under a name that hashes everything the binary depends on (`build_name`), so
+that checkouts and environments sharing the cache never rebuild one entry in turn. Without a working compiler, or
+with the environment variable `RBN_DISABLE_FUSED=1`, `available()` is False and the layers run the reference loops.
 
 One call covers one layer: the projection W_x x of every timestep, its normalization and the bias, the loop over
 time (recurrent term, its per-timestep normalization, gates, cell and its normalization), and in the backward the
@@ -17,8 +18,10 @@ loop, with the same calls the reference makes. The RNN layers have no fused kern
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -33,8 +36,12 @@ log = logging.getLogger(__name__)
 NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
 DTYPES = (torch.float32, torch.float64)
 DISABLE_ENV = "RBN_DISABLE_FUSED"
-SOURCES = [Path(__file__).parent / "csrc" / "lstm.cpp"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / "lstm.cpp"]
 EXTENSION_NAME = "recurrent_bn_fused"
+# No -march=native: the kernels carry their own AVX2 / AVX-512 variants, chosen at run time.
+CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
+LDFLAGS = ("-fopenmp",)
 # Below this many (batch x hidden) elements per timestep one thread does the whole step: splitting it would cost
 # more in synchronisation than it saves.
 MIN_PARALLEL_WORK = 2048
@@ -42,6 +49,26 @@ MIN_PARALLEL_WORK = 2048
 _extension = None
 _reason: str | None = None
 _loaded = False
+
+
+def build_name(
+    files: list[Path] | None = None, cflags: tuple[str, ...] = CFLAGS, ldflags: tuple[str, ...] = LDFLAGS
+) -> str:
+    """The extension's name in the build cache: EXTENSION_NAME and a hash of what the binary depends on (the C++
+    files, where they are, the compile and link flags, the compiler, this PyTorch's version and location, the
+    Python version).
+
+    PyTorch's cache keys an entry by name alone and rebuilds it whenever the sources, flags or source paths differ
+    from its last build, so two checkouts or virtual environments with one name rebuilt it in turn, each waiting on
+    the other's lock."""
+    files = sorted(p for p in CSRC.iterdir() if p.suffix in (".cpp", ".h")) if files is None else files
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.resolve()).encode() + b"\0" + path.read_bytes() + b"\0")
+    for part in (*cflags, "|", *ldflags, "|", os.environ.get("CXX", "c++"), torch.__version__,
+                 str(Path(torch.__file__).resolve().parent), sys.version):
+        digest.update(part.encode() + b"\0")
+    return f"{EXTENSION_NAME}_{digest.hexdigest()[:16]}"
 
 
 def _load():
@@ -64,12 +91,8 @@ def _load():
             extension_log.setLevel(level)
         start = time.perf_counter()
         _extension = cpp_extension.load(
-            name=EXTENSION_NAME,
-            sources=[str(path) for path in SOURCES],
-            # No -march=native: the kernels carry their own AVX2 / AVX-512 variants, chosen at run time.
-            extra_cflags=["-O3", "-fopenmp", "-fno-math-errno"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
+            name=build_name(), sources=[str(path) for path in SOURCES], extra_cflags=list(CFLAGS),
+            extra_ldflags=list(LDFLAGS), verbose=False,
         )
         elapsed = time.perf_counter() - start
         # A load from the cache takes a fraction of a second; anything longer was a compilation.

@@ -109,11 +109,21 @@ class RecurrentBatchNorm(nn.Module):
             f"share_statistics_over_time={self.share_statistics_over_time}"
         )
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # trained_length counts populated slots; more than there are would index past them in evaluation.
+        length, mean = state_dict.get(prefix + "trained_length"), state_dict.get(prefix + "running_mean")
+        if length is not None and mean is not None and int(length) > mean.shape[0]:
+            raise ValueError(
+                f"{prefix}trained_length is {int(length)} but the state dict has {mean.shape[0]} population slots: "
+                "it is corrupt or was edited; reset it to at most the number of slots"
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def slot_index(self, start_step: int, steps: int) -> Tensor:
         """Population slot of each timestep in [start_step, start_step + steps): t, clamped to the last trained one."""
         index = torch.arange(start_step, start_step + steps, device=self.running_mean.device)
         # A tensor bound, not a Python int, so that evaluation never waits for the device.
-        return torch.minimum(index, self.trained_length.clamp(min=1) - 1)
+        return torch.minimum(index, self.trained_length.clamp(min=1, max=self.slots) - 1)
 
     def population_statistics(self, start_step: int, steps: int) -> tuple[Tensor, Tensor]:
         """Population mean and variance, (steps, F), for the timesteps [start_step, start_step + steps)."""

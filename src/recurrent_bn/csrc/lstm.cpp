@@ -39,6 +39,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -227,31 +228,38 @@ inline double seconds() {
 constexpr int64_t kMaxTeam = 64;
 double barrier_wait[kMaxTeam];
 
-// The barrier between the threads of a team at batch-normalized steps. It spins for a few tens of microseconds
-// (a healthy wait is about one), then sleeps on a futex. OpenMP's barrier spins far longer before sleeping: when
-// another process keeps a core busy and a thread of the team is descheduled, every one of the ~1600 barriers of a
-// pMNIST step then burned ~0.4 ms, and the step ran 5-7x slower on two threads than on one. Sleeping frees the core,
-// so the scheduler can run the late thread there at once.
+// The barrier between the threads of a team at batch-normalized steps. A waiter spins for at most spin_seconds
+// (a healthy wait is about a microsecond: the team works in lockstep), then sleeps on a futex until the last thread
+// arrives. The spin is bounded by the clock, not by a count of pause instructions: a pause takes 10 cycles on some
+// CPUs and 140 on others, and 4096 of them were up to 200 us. OpenMP's own barrier spins far longer. When another
+// process keeps a core busy, a thread of the team is descheduled for whole time slices; a waiter that keeps spinning
+// holds the one core the late thread could run on, and every one of the thousands of barriers of a step pays for it.
+// Sleeping frees the core, so the scheduler can run the late thread there at once.
+std::atomic<double> spin_seconds{1e-5};
+
 struct TeamBarrier {
   std::atomic<int64_t> arrived{0};
-  std::atomic<int64_t> phase{0};
+  std::atomic<uint32_t> phase{0};  // 32 bits: then std::atomic::wait is a futex on the variable itself (Linux)
   int64_t size = 1;
 
   void wait() {
-    const int64_t current = phase.load(std::memory_order_acquire);
+    const uint32_t current = phase.load(std::memory_order_acquire);
     if (arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == size) {
       arrived.store(0, std::memory_order_relaxed);
       phase.store(current + 1, std::memory_order_release);
       phase.notify_all();
       return;
     }
-    for (int spin = 0; spin < 4096; ++spin) {
-      if (phase.load(std::memory_order_acquire) != current) return;
+    const double deadline = seconds() + spin_seconds.load(std::memory_order_relaxed);
+    for (int spin = 1; phase.load(std::memory_order_acquire) == current; ++spin) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
 #endif
+      if (spin % 16 == 0 && seconds() > deadline) {
+        while (phase.load(std::memory_order_acquire) == current) phase.wait(current, std::memory_order_acquire);
+        return;
+      }
     }
-    while (phase.load(std::memory_order_acquire) == current) phase.wait(current, std::memory_order_acquire);
   }
 };
 
@@ -1214,6 +1222,64 @@ struct TeamOverRows {
   TeamOverRows& operator=(const TeamOverRows&) = delete;
 };
 
+// When the threads of a team spent more than half of a call waiting for each other at barriers, the team ran slower
+// than one thread would have: the machine has fewer cores free than the team has threads (another process holds a
+// core; every thread of a parallel sweep asks for all of them). A barrier cannot fix that: a waiter that spins
+// holds a core, one that sleeps waits for the scheduler to give one back, thousands of times per sequence. So the
+// next calls run on one thread, for a number of calls that doubles while it recurs (4 up to 256), and then the team
+// is tried again. Results then differ from the team's in rounding only (the batch statistics are summed per thread).
+std::atomic<bool> team_fallback{true};
+std::atomic<int64_t> solo_calls_left{0}, solo_calls_next{4};
+
+int64_t team_threads(int64_t threads) {
+  if (threads <= 1 || !team_fallback.load()) return threads;
+  if (solo_calls_left.load() <= 0) return threads;
+  solo_calls_left.fetch_sub(1);
+  return 1;
+}
+
+void record_team(int64_t size, double elapsed) {
+  if (size <= 1 || !team_fallback.load()) return;
+  double waited = 0;
+  for (int64_t id = 0; id < size; ++id) waited += barrier_wait[id];
+  if (waited / size > 0.5 * elapsed) {
+    const int64_t calls = solo_calls_next.load();
+    solo_calls_left.store(calls);
+    solo_calls_next.store(std::min<int64_t>(2 * calls, 256));
+  } else {
+    solo_calls_next.store(4);
+  }
+}
+
+// Runs body(rows, id) on every thread of an OpenMP team over the B rows, for as many threads as asked where the
+// runtime gives them. It may give fewer (OMP_THREAD_LIMIT, a call from inside another parallel region,
+// omp_set_dynamic): a team split for more threads than it has would leave rows unwritten and its barrier waiting
+// forever. Then no thread starts, and the team is split again for the size obtained, down to one thread, which
+// every runtime gives. Returns the team that ran, for its size and split.
+template <typename T, typename Body>
+std::unique_ptr<TeamOverRows<T>> run_team(int64_t threads, int64_t B, int64_t width, const Body& body) {
+  for (int64_t size = team_threads(threads);;) {
+    auto rows = std::make_unique<TeamOverRows<T>>(size, B, width);
+    size = rows->team.size;
+    std::atomic<int64_t> obtained{size};
+    const double start = seconds();
+#pragma omp parallel num_threads(size)
+    {
+      const int64_t n = omp_get_num_threads();
+      if (n == size) {
+        body(*rows, static_cast<int64_t>(omp_get_thread_num()));
+      } else {
+        obtained.store(n, std::memory_order_relaxed);
+      }
+    }
+    if (obtained.load() == size) {
+      record_team(size, seconds() - start);
+      return rows;
+    }
+    size = obtained.load();
+  }
+}
+
 template <typename T>
 void fill_terms(Problem<T>& p, const std::vector<TermTensors>& terms) {
   Term<T>* targets[3] = {&p.in, &p.hh, &p.cell};
@@ -1277,11 +1343,14 @@ std::vector<Tensor> column_moments_impl(const Tensor& x, const Tensor& mask, int
 #pragma omp parallel num_threads(team)
   {
     omp_set_num_threads(1);  // see forward_impl
-    const int64_t id = omp_get_thread_num(), r0 = N * id / team, r1 = N * (id + 1) / team;
-    int64_t c = 0;
-    for (int64_t r = r0; r < r1; ++r) c += is_active(m, r);
-    counts[id] = T(c);
-    k.moments(data + r0 * F, F, r1 - r0, F, m + r0, T(c), means.data() + id * F, m2s.data() + id * F);
+    // The chunks go round the threads the runtime gave, which may be fewer than asked (see run_team).
+    for (int64_t j = omp_get_thread_num(); j < team; j += omp_get_num_threads()) {
+      const int64_t r0 = N * j / team, r1 = N * (j + 1) / team;
+      int64_t c = 0;
+      for (int64_t r = r0; r < r1; ++r) c += is_active(m, r);
+      counts[j] = T(c);
+      k.moments(data + r0 * F, F, r1 - r0, F, m + r0, T(c), means.data() + j * F, m2s.data() + j * F);
+    }
   }
   T total = 0;
   for (T c : counts) total += c;
@@ -1359,23 +1428,19 @@ std::vector<Tensor> forward_impl(const Tensor& P, const Tensor& h0, const Tensor
     stats.insert(stats.end(), {mean, var, row_mean, row_rstd});
   }
 
-  TeamOverRows<T> rows(threads, B, G);
-  const auto& parts = rows.parts;
-  const Team<T>& team = rows.team;
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
-  const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, parts[0].second - parts[0].first);
+  const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, split_rows(threads, B)[0].second);
   const int64_t ldr = packed ? Wp.size(0) * kPanel : G;
   for (auto& entry : forward_profile) entry = {0, 0, 0};
 
-#pragma omp parallel num_threads(team.size)
-  {
+  run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
     // Whatever runs inside (oneDNN's products, ATen) stays on this thread: with a team of one the region is
     // inactive, and oneDNN would otherwise fork a team of its own for every small product.
     omp_set_num_threads(1);
     c10::AutoGradMode no_grad(false);
-    const int64_t id = omp_get_thread_num();
-    const auto [b0, b1] = parts[id];
+    const Team<T>& team = rows.team;
+    const auto [b0, b1] = rows.parts[id];
     Scratch<T> s;
     s.init(b1 - b0, H);
     load_shared_stats(p, s);
@@ -1401,7 +1466,7 @@ std::vector<Tensor> forward_impl(const Tensor& P, const Tensor& h0, const Tensor
     }
     const double total = seconds() - start;
     forward_profile[id] = {matmul, elementwise - barrier_wait[id], total - matmul - elementwise + barrier_wait[id]};
-  }
+  });
 
   const int64_t last = save ? S : (S & 1);
   std::vector<Tensor> result = {out, hs.select(0, last).clone(), cs.select(0, last).clone()};
@@ -1453,23 +1518,20 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
   p.DR = DR.data_ptr<T>();
   p.dP = dP.data_ptr<T>();
 
-  TeamOverRows<T> rows(threads, B, G);
-  const auto& parts = rows.parts;
-  const Team<T>& team = rows.team;
-  std::vector<Accumulators<T>> accs(team.size);
+  // One set of sums per thread of the largest team run_team may form; those of threads that never ran stay empty.
+  std::vector<Accumulators<T>> accs(split_rows(threads, B).size());
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
   // dh_{t-1} = DR_t W_h, the product with W_h^T transposed.
-  const Tensor WT = packed ? pack_panels(W.t()) : prepare_weight(W.t().contiguous(), parts[0].second - parts[0].first);
+  const Tensor WT = packed ? pack_panels(W.t()) : prepare_weight(W.t().contiguous(), split_rows(threads, B)[0].second);
   const int64_t ldh = packed ? WT.size(0) * kPanel : H;
   for (auto& entry : backward_profile) entry = {0, 0, 0};
 
-#pragma omp parallel num_threads(team.size)
-  {
+  const int64_t team_size = run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
     omp_set_num_threads(1);  // see forward_impl
     c10::AutoGradMode no_grad(false);
-    const int64_t id = omp_get_thread_num();
-    const auto [b0, b1] = parts[id];
+    const Team<T>& team = rows.team;
+    const auto [b0, b1] = rows.parts[id];
     Scratch<T> s;
     s.init(b1 - b0, H);
     load_shared_stats(p, s);
@@ -1508,7 +1570,7 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
     }
     const double total = seconds() - start;
     backward_profile[id] = {matmul, elementwise - barrier_wait[id], total - matmul - elementwise + barrier_wait[id]};
-  }
+  })->team.size;
 
   // Parameter gradients: the per-thread sums, and dW_h = sum_t DR_t^T h_{t-1} as one product.
   const double weight_start = seconds();
@@ -1520,8 +1582,8 @@ std::vector<Tensor> backward_impl(const Tensor& dout, const Tensor& dhT, const T
   auto reduce = [&](std::vector<T> Accumulators<T>::*member, int64_t size) {
     Tensor total = at::zeros({size}, opts);
     T* d = total.data_ptr<T>();
-    for (const auto& acc : accs) {
-      const std::vector<T>& v = acc.*member;
+    for (int64_t j = 0; j < team_size; ++j) {
+      const std::vector<T>& v = accs[j].*member;
       for (int64_t i = 0; i < size; ++i) d[i] += v[i];
     }
     return total;
@@ -1627,6 +1689,12 @@ void set_onednn(bool enabled) { use_onednn = enabled; }
 
 void set_packed_gemm(bool enabled) { use_packed = enabled; }
 
+// Tuning and tests: how long a barrier spins before it sleeps, whether a team that mostly waited falls back to one
+// thread for the next calls.
+void set_barrier_spin(double seconds) { spin_seconds.store(seconds); }
+
+void set_team_fallback(bool enabled) { team_fallback.store(enabled); }
+
 bool onednn_available() { return onednn_linear().has_value(); }
 
 // [threads][matrix products, elementwise, barriers] of the last forward and backward, and the dW_h product.
@@ -1649,6 +1717,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kernel_variant", &rbn::kernel_variant);
   m.def("set_onednn", &rbn::set_onednn);
   m.def("set_packed_gemm", &rbn::set_packed_gemm);
+  m.def("set_barrier_spin", &rbn::set_barrier_spin);
+  m.def("set_team_fallback", &rbn::set_team_fallback);
   m.def("onednn_available", &rbn::onednn_available);
   m.def("last_profile", &rbn::last_profile);
 }
