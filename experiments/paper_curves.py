@@ -8,9 +8,8 @@ One command that can be run again and again, in every working session, until eve
     python experiments/paper_curves.py --collect    # copy the records into results/runs/{paper_curves,tanh_question}/
 
 Run directories live outside the repository, in $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository, like
-../shared), because the work tree may be laid anew between sessions; `--collect` copies each run's record into the
-repository, with its checkpoints where they are small (the MNIST runs'), so that the curves so far survive even if
-the run directories do not, and a run whose directory is gone continues from the collected copy. Each run
+../shared), because the work tree may be laid anew between sessions; `--collect` copies each run's record (not its
+checkpoints) into the repository, so that the curves so far survive even if the run directories do not. Each run
 checkpoints every 250 steps, so a stopped session loses at most that much. Runs use one torch thread each; `--jobs
 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels' thread team loses
 more to a busy neighbour than a second thread gains). Everything runs under `nice` so that interactive work keeps
@@ -33,10 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "runs" / "paper_curves"
 TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
 RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json", "resumes.yaml")
-# Checkpoints small enough to keep in the repository (the MNIST runs': about 0.5-6 MB), so that a run continues in
-# the next session even where the machine's other files were not kept; PTB's (tens of MB) are not.
-CHECKPOINTS = ("last.pt", "best.pt")
-CHECKPOINT_CAP = 8 * 2**20
 # Only the step counts and the validation cadence differ from the paper_* presets.
 COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
 MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
@@ -108,19 +103,8 @@ def collected(name: str) -> Path:
     return (TANH_RESULTS if name.startswith("tanh_") else RESULTS) / name
 
 
-def restore(name: str, run_dir: Path) -> None:
-    """A run directory from its collected copy (record and checkpoints), where the copy is further along."""
-    copy = collected(name)
-    if not (copy / "last.pt").exists() or state(copy)[1] <= state(run_dir)[1]:
-        return
-    print(f"{name}: restoring step {state(copy)[1]} from {copy.relative_to(REPO)}", flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    shutil.copytree(copy, run_dir)
-
-
 def launch(name: str, root: Path) -> subprocess.Popen:
     run_dir = root / name
-    restore(name, run_dir)
     run_state, steps = state(run_dir)
     if run_state == "missing" and run_dir.exists():
         print(f"{name}: {run_dir} has no checkpoint; starting it again from step 0", flush=True)
@@ -168,8 +152,7 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
 
 
 def collect(root: Path, names: list[str]) -> None:
-    """Copy each run's record, and its checkpoints if small, into results/runs/paper_curves/<name>/ (tanh_question/
-    for tanh_*); a later session restores a run from there if its run directory is gone."""
+    """Copy each run's record (no checkpoints) into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*)."""
     for name in names:
         source = root / name
         if not source.exists():
@@ -178,9 +161,6 @@ def collect(root: Path, names: list[str]) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for file in RECORD:
             if (source / file).exists():
-                shutil.copy2(source / file, target / file)
-        for file in CHECKPOINTS:
-            if (source / file).exists() and (source / file).stat().st_size <= CHECKPOINT_CAP:
                 shutil.copy2(source / file, target / file)
         if (source / ".hydra").exists():
             shutil.copytree(source / ".hydra", target / ".hydra", dirs_exist_ok=True)

@@ -1,8 +1,9 @@
 """What a run leaves behind: metrics.csv (appended and flushed as training goes), summary.json, and wandb.
 
 wandb is optional at every point: it is offline unless the user is logged in, it never prompts (online without a key
-is offline, with a warning), it waits on the network at most logger.init_timeout + logger.finish_timeout seconds, and
-any failure of it turns it off with one warning instead of stopping the run.
+is offline, with a warning), it passes logger.init_timeout and logger.finish_timeout to wandb (which do not yet
+bound a dead server: see the README), and any failure of it turns it off with one warning instead of stopping the
+run.
 """
 
 from __future__ import annotations
