@@ -103,6 +103,11 @@ def collected(name: str) -> Path:
     return (TANH_RESULTS if name.startswith("tanh_") else RESULTS) / name
 
 
+def recorded(name: str) -> tuple[str, int]:
+    """The state of the run's record committed under results/ (it outlives the run directory)."""
+    return state(collected(name))
+
+
 def launch(name: str, root: Path) -> subprocess.Popen:
     run_dir = root / name
     run_state, steps = state(run_dir)
@@ -126,9 +131,13 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
     busy = {n: running_pid(root / n) for n in names if running_pid(root / n)}
     for name, pid in busy.items():
         print(f"{name}: already running (pid {pid}); left alone", flush=True)
-    pending = [n for n in names if state(root / n)[0] in ("missing", "partial") and n not in busy]
+    # A run whose directory is gone but whose committed record says finished is not run again.
+    done = {n for n in names if state(root / n)[0] != "finished" and recorded(n)[0] == "finished"}
+    pending = [n for n in names if state(root / n)[0] in ("missing", "partial") and n not in set(busy) | done]
     for name in names:
-        if state(root / name)[0] == "finished":
+        if name in done:
+            print(f"{name}: finished (its record is in {collected(name).relative_to(REPO)}), skipped", flush=True)
+        elif state(root / name)[0] == "finished":
             print(f"{name}: finished, skipped", flush=True)
         elif state(root / name)[0] == "failed":
             print(f"{name}: failed (see {root / name / 'summary.json'}); not restarted", flush=True)
@@ -158,6 +167,12 @@ def collect(root: Path, names: list[str]) -> None:
         if not source.exists():
             continue
         target = collected(name)
+        (run_state, ours), (kept_state, kept) = state(source), recorded(name)
+        if (kept_state == "finished" and run_state != "finished") or kept > ours:
+            # A run started again from step 0 (its directory was lost) must not replace a longer record.
+            print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}",
+                  flush=True)
+            continue
         target.mkdir(parents=True, exist_ok=True)
         for file in RECORD:
             if (source / file).exists():
@@ -185,7 +200,9 @@ def main() -> int:
             run_state, steps = state(root / name)
             run_state = "running" if running_pid(root / name) else run_state
             target = next((o.split("=")[1] for o in RUNS[name] if o.startswith("trainer.max_steps=")), "?")
-            print(f"{name:32s} {run_state:9s} step {steps:>6} of {target}")
+            kept_state, kept = recorded(name)
+            print(f"{name:32s} {run_state:9s} step {steps:>6} of {target}   record in results/: {kept_state} "
+                  f"at step {kept}")
         return 0
     if args.collect:
         collect(root, names)

@@ -1,0 +1,55 @@
+"""The campaign command: a run directory lost between sessions must neither rerun a finished run nor let a run
+started again from step 0 replace the longer record committed under results/."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def campaign(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("paper_curves", REPO / "experiments" / "paper_curves.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "paper_curves", module)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module, "REPO", tmp_path)
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results" / "paper_curves")
+    monkeypatch.setattr(module, "TANH_RESULTS", tmp_path / "results" / "tanh_question")
+    return module
+
+
+def write_run(directory: Path, steps: int, finished: bool = False) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = ["step,split,loss"] + [f"{s},train,1.0" for s in range(50, steps + 1, 50)]
+    (directory / "metrics.csv").write_text("\n".join(rows) + "\n")
+    if finished:
+        (directory / "summary.json").write_text(json.dumps({"status": "completed"}))
+    else:
+        (directory / "last.pt").write_bytes(b"")
+
+
+def test_a_restarted_run_keeps_the_longer_record(campaign, tmp_path):
+    name = "smnist_lstm_s1"
+    write_run(campaign.collected(name), 9000)
+    write_run(tmp_path / "campaign" / name, 500)
+    campaign.collect(tmp_path / "campaign", [name])
+    assert campaign.recorded(name) == ("partial", 9000)
+    write_run(tmp_path / "campaign" / name, 9500)  # once it has gone past the record, it replaces it
+    campaign.collect(tmp_path / "campaign", [name])
+    assert campaign.recorded(name)[1] == 9500
+
+
+def test_a_finished_record_is_not_run_again(campaign, tmp_path, capsys):
+    name = "tanh_pmnist_rnn_s1"
+    write_run(campaign.collected(name), 20000, finished=True)
+    assert campaign.run_all(tmp_path / "campaign", [name], jobs=1) == 0
+    assert "skipped" in capsys.readouterr().out
+    assert not (tmp_path / "campaign" / name).exists()
+    write_run(tmp_path / "campaign" / name, 100)  # nor does a partial run directory replace it
+    campaign.collect(tmp_path / "campaign", [name])
+    assert campaign.recorded(name) == ("finished", 20000)
