@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from recurrent_bn.config import CONF_DIR, LSTM_MODELS, RNN_MODELS, TASKS, validate
+from recurrent_bn.config import CONF_DIR, LSTM_MODELS, RNN_MODELS, TASKS, check_overrides, validate
+from recurrent_bn.data import pixel_order
 from recurrent_bn.errors import ConfigError
 from recurrent_bn.models import build_model
 
@@ -126,3 +127,24 @@ def test_vbn_records_the_sharing_it_runs_with(make_cfg):
     assert make_cfg("model=vbn_lstm").model.share_statistics_over_time is True
     with pytest.raises(ConfigError, match="^model.share_statistics_over_time"):
         validate(make_cfg("model=vbn_lstm", "model.share_statistics_over_time=false"))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["model=rnn", "model.forget_bias=5"], "Could not override 'model.forget_bias': the chosen groups have no such"),
+    (["model=lsm"], "Could not find 'model/lsm'; choose one of bn_linear_rnn, bn_linear_rnn2, bn_lstm"),
+    (["model.hidden_size=[1"], "cannot parse the overrides"),
+])
+def test_an_override_hydra_cannot_compose_is_one_line(overrides, expected):
+    problem = check_overrides(overrides)
+    assert problem is not None and problem.startswith(expected) and "\n" not in problem
+    assert check_overrides(["model=rnn", "model.hidden_size=5"]) is None
+
+
+def test_an_mnist_pixel_order_on_another_task_is_refused_before_the_data(make_cfg):
+    # experiment=cpu_pmnist sets the authors' order of MNIST's 784 pixels; on 64-pixel digits it indexed past them
+    with pytest.raises(ConfigError, match="task.permutation='authors' is not allowed: none or random for task=digits"):
+        validate(make_cfg("experiment=cpu_pmnist", "task=digits"))
+    order = pixel_order("random", 0, num_pixels=64)
+    assert sorted(order.tolist()) == list(range(64))
+    with pytest.raises(ConfigError, match="order of MNIST's 784 pixels"):
+        pixel_order("common", 0, num_pixels=64)

@@ -41,6 +41,35 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def check_overrides(arguments: list[str]) -> str | None:
+    """Hydra's composition errors (a key the chosen group does not have, a group option that does not exist, an
+    override it cannot parse) as one line, found by composing once before Hydra runs; None if it composes. Hydra
+    itself prints them over several lines with a hint about `+` that does not apply to our fixed groups."""
+    if any(argument.startswith("-") for argument in arguments):  # --multirun sweeps, --cfg, --help: Hydra's own
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException, OverrideParseException
+
+    register_resolvers()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            compose("config", overrides=arguments)
+    except HydraException as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        first = lines[0].removeprefix("In 'config': ").rstrip(".") if lines else repr(error)
+        heading = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+        if heading is not None:  # a group option that does not exist: name the ones that do
+            options = [line for line in lines[heading + 1:] if ":" not in line and "=" not in line]
+            return f"{first}; choose one of {', '.join(options)}"
+        if "not in struct" in str(error.__cause__):
+            return (f"{first}: the chosen groups have no such key; check the spelling against the keys that "
+                    "`python -m recurrent_bn.train <your groups> --cfg job` prints")
+        if isinstance(error, OverrideParseException):
+            return f"cannot parse the overrides ({first}); write them as key=value, see `--help`"
+        return first
+    return None
+
+
 def _require(condition: bool, key: str, allowed: str, value) -> None:
     if not condition:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
@@ -116,6 +145,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task.kind == "classification":
         _require(cfg.task.permutation in PERMUTATIONS, "task.permutation", ", ".join(PERMUTATIONS),
                  cfg.task.permutation)
+        # authors and common are orders of MNIST's 784 pixels (e.g. experiment=cpu_pmnist task=digits sets one)
+        _require(cfg.task.dataset == "mnist" or cfg.task.permutation in ("none", "random"), "task.permutation",
+                 f"none or random for task={cfg.task.name} ({cfg.task.steps} pixels; authors and common are orders "
+                 "of MNIST's 784)", cfg.task.permutation)
     else:
         _require(not cfg.model.get("bidirectional", False), "model.bidirectional",
                  "false for a language model (the reverse direction would read the characters it predicts)",

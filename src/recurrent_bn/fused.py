@@ -1,11 +1,12 @@
 """The fused CPU path of the LSTM layers: a C++ loop over time with a hand-written backward through time.
 
 `recurrence.lstm` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
-float64 on the CPU. The kernels (`csrc/lstm.cpp`) are compiled with `torch.utils.cpp_extension` the first time they
-are needed (about 20-40 s) and loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or
-`$TORCH_EXTENSIONS_DIR`) afterwards, under a name that hashes everything the binary depends on (`build_name`), so
-that checkouts and environments sharing the cache never rebuild one entry in turn. Without a working compiler, or
-with the environment variable `RBN_DISABLE_FUSED=1`, `available()` is False and the layers run the reference loops.
+float64 on the CPU. The kernels (`csrc/`: `lstm.cpp` says which file holds what; `lstm.h` is the interface, every
+tensor by name) are compiled with `torch.utils.cpp_extension` the first time they are needed (about 20-60 s) and
+loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards, under a
+name that hashes everything the binary depends on (`build_name`), so that checkouts and environments sharing the
+cache never rebuild one entry in turn. Without a working compiler, or with the environment variable
+`RBN_DISABLE_FUSED=1`, `available()` is False and the layers run the reference loops.
 
 One call covers one layer: the projection W_x x of every timestep, its normalization and the bias, the loop over
 time (recurrent term, its per-timestep normalization, gates, cell and its normalization), and in the backward the
@@ -34,10 +35,12 @@ log = logging.getLogger(__name__)
 
 # How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
 NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
+TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
+TERM_TENSORS = ("gamma", "beta", "scale", "shift")
 DTYPES = (torch.float32, torch.float64)
 DISABLE_ENV = "RBN_DISABLE_FUSED"
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / "lstm.cpp"]
+SOURCES = [CSRC / "lstm.cpp", CSRC / "bindings.cpp"]
 EXTENSION_NAME = "recurrent_bn_fused"
 # No -march=native: the kernels carry their own AVX2 / AVX-512 variants, chosen at run time.
 CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno")
@@ -156,6 +159,18 @@ def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
     return [_empty(like) if t is None else t.detach() for t in tensors]
 
 
+def _specs(kinds: list[int], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
+    """The three terms as the extension's `TermSpec`s, by name (input, recurrent, cell)."""
+    tensors = _or_empty(list(term_tensors), like)
+    return {name: _extension.TermSpec(kinds[i], eps[i], *tensors[4 * i : 4 * i + 4])
+            for i, name in enumerate(TERMS)}
+
+
+def _statistics(saved) -> list[tuple[Tensor, Tensor]]:
+    """(mean, var) of each term's batch statistics, for the population update."""
+    return [(getattr(saved, name).mean, getattr(saved, name).var) for name in TERMS]
+
+
 class FusedLSTMFunction(torch.autograd.Function):
     """One LSTM layer over a whole sequence, from its input x, with a hand-written backward through time.
 
@@ -167,15 +182,15 @@ class FusedLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, x, weight_ih, h0, c0, weight_hh, bias, mask, *term_tensors):
         empty = _empty(x)
-        results = _extension.lstm_forward(
-            x, weight_ih, h0, c0, weight_hh, empty if bias is None else bias, config["kinds"], config["eps"],
-            _or_empty(list(term_tensors), x), empty if mask is None else mask, True, config["threads"],
+        specs = _specs(config["kinds"], config["eps"], term_tensors, x)
+        result = _extension.lstm_forward(
+            x=x, weight_ih=weight_ih, h0=h0, c0=c0, weight_hh=weight_hh, bias=empty if bias is None else bias,
+            mask=empty if mask is None else mask, save=True, threads=config["threads"], **specs,
         )
-        config["stats"] = [(results[10 + 4 * i], results[11 + 4 * i]) for i in range(3)]
-        ctx.intermediates = results[3:]
-        ctx.config = config
+        config["stats"] = _statistics(result.saved)
+        ctx.saved, ctx.specs, ctx.config = result.saved, specs, config
         ctx.save_for_backward(x, weight_ih, weight_hh, bias, mask, *term_tensors)
-        return tuple(results[:3])
+        return result.output, result.h, result.c
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -183,17 +198,15 @@ class FusedLSTMFunction(torch.autograd.Function):
         x, weight_ih, weight_hh, bias, mask, *term_tensors = ctx.saved_tensors
         empty = _empty(x)
         grads = _extension.lstm_backward(
-            grad_output, grad_h, grad_c, x, weight_ih, weight_hh, empty if bias is None else bias,
-            ctx.config["kinds"], ctx.config["eps"], _or_empty(term_tensors, x), empty if mask is None else mask,
-            ctx.intermediates, ctx.config["threads"], ctx.needs_input_grad[1],
+            d_output=grad_output, d_h=grad_h, d_c=grad_c, x=x, weight_ih=weight_ih, weight_hh=weight_hh,
+            bias=empty if bias is None else bias, mask=empty if mask is None else mask, saved=ctx.saved,
+            threads=ctx.config["threads"], need_dx=ctx.needs_input_grad[1], **ctx.specs,
         )
-        d_x, d_weight_ih, d_h0, d_c0, d_weight_hh, d_bias = grads[:6]
-        term_grads = [
-            grads[6 + k] if term_tensors[k] is not None and ctx.needs_input_grad[8 + k] else None
-            for k in range(len(term_tensors))
-        ]
-        return (None, d_x if ctx.needs_input_grad[1] else None, d_weight_ih, d_h0, d_c0, d_weight_hh,
-                d_bias if bias is not None else None, None, *term_grads)
+        term_grads = [getattr(getattr(grads, name), part) for name in TERMS for part in TERM_TENSORS]
+        term_grads = [grad if term_tensors[k] is not None and ctx.needs_input_grad[8 + k] else None
+                      for k, grad in enumerate(term_grads)]
+        return (None, grads.x if ctx.needs_input_grad[1] else None, grads.weight_ih, grads.h0, grads.c0,
+                grads.weight_hh, grads.bias if bias is not None else None, None, *term_grads)
 
 
 def lstm(
@@ -233,13 +246,13 @@ def lstm(
         output, h_n, c_n = FusedLSTMFunction.apply(config, x, weight_ih, h, c, weight_hh, bias, mask, *term_tensors)
     else:
         empty = _empty(x)
-        results = _extension.lstm_forward(
-            x, weight_ih.detach(), h.detach(), c.detach(), weight_hh.detach(),
-            empty if bias is None else bias.detach(), config["kinds"], config["eps"], _or_empty(term_tensors, x),
-            empty if mask is None else mask, False, config["threads"],
+        result = _extension.lstm_forward(
+            x=x, weight_ih=weight_ih.detach(), h0=h.detach(), c0=c.detach(), weight_hh=weight_hh.detach(),
+            bias=empty if bias is None else bias.detach(), mask=empty if mask is None else mask, save=False,
+            threads=config["threads"], **_specs(config["kinds"], config["eps"], term_tensors, x),
         )
-        output, h_n, c_n = results[:3]
-        config["stats"] = [(results[10 + 4 * i], results[11 + 4 * i]) for i in range(3)]
+        output, h_n, c_n = result.output, result.h, result.c
+        config["stats"] = _statistics(result.saved)
     # The population statistics, as the reference updates them (RecurrentBatchNorm.forward, StepNorm.finish).
     count = None
     for (kind, _, _), module, (mean, var) in zip(terms, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):

@@ -42,7 +42,7 @@ class Task:
             self.order = data.pixel_order(cfg.permutation, cfg.permutation_seed)
         elif cfg.dataset == "digits":
             self.splits = data.load_digits()
-            self.order = data.pixel_order(cfg.permutation, cfg.permutation_seed)
+            self.order = data.pixel_order(cfg.permutation, cfg.permutation_seed, num_pixels=cfg.steps)
         elif cfg.dataset == "ptb":
             self.splits, self.vocabulary = data.load_ptb_chars(root, verify=verify)
         elif cfg.dataset == "text8":

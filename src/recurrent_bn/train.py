@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from recurrent_bn.config import CONF_DIR, check_added_keys, load_for_resume
+from recurrent_bn.config import CONF_DIR, check_added_keys, check_overrides, load_for_resume
 from recurrent_bn.errors import UserError
 from recurrent_bn.logs import write_json
 from recurrent_bn.run_dir import check_before_hydra, claim, record_resume, record_start
@@ -78,8 +78,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def cli() -> None:
-    """Check the run directory before Hydra creates or writes anything there, then run."""
-    problem = check_before_hydra(sys.argv[1:])
+    """Check the run directory and the overrides before Hydra creates or writes anything, then run."""
+    problem = check_before_hydra(sys.argv[1:]) or check_overrides(sys.argv[1:])
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)

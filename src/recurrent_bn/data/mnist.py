@@ -92,8 +92,9 @@ def _read_idx(path: Path, magic: int, item_shape: tuple[int, ...]) -> np.ndarray
     return np.frombuffer(data, dtype=np.uint8, offset=header_len).reshape(count, *item_shape)
 
 
-def pixel_order(kind: str, seed: int) -> torch.Tensor | None:
-    """The order in which pixels are fed: ``None`` for scanline order, else an int64 tensor of 784 indices.
+def pixel_order(kind: str, seed: int, num_pixels: int = NUM_PIXELS) -> torch.Tensor | None:
+    """The order in which pixels are fed: ``None`` for scanline order, else an int64 tensor of ``num_pixels``
+    indices (784 for MNIST; only ``"none"`` and ``"random"`` apply to other sizes).
 
     - ``"none"``: sequential MNIST, scanline order.
     - ``"random"``: permuted MNIST with a true permutation of the 784 pixels, drawn from ``seed``.
@@ -106,7 +107,10 @@ def pixel_order(kind: str, seed: int) -> torch.Tensor | None:
     if kind == "none":
         return None
     if kind == "random":
-        return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(seed))
+        return torch.randperm(num_pixels, generator=torch.Generator().manual_seed(seed))
+    if kind in ("common", "authors") and num_pixels != NUM_PIXELS:
+        raise ConfigError(f"task.permutation={kind} is an order of MNIST's {NUM_PIXELS} pixels and this task has "
+                          f"{num_pixels}; use task.permutation=none or random")
     if kind == "common":
         return torch.randperm(NUM_PIXELS, generator=torch.Generator().manual_seed(COMMON_PERMUTATION_SEED))
     if kind == "authors":
