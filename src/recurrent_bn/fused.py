@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, example_count
+from recurrent_bn.norm import example_count, loop_term
 
 log = logging.getLogger(__name__)
 
 # How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
 NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
+KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
 TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
 TERM_TENSORS = ("gamma", "beta", "scale", "shift")
 DTYPES = (torch.float32, torch.float64)
@@ -131,24 +132,9 @@ def threads_for(batch: int, hidden: int) -> int:
 
 
 def _term(module: nn.Module | None, steps: int, start_step: int, input_term: bool):
-    """How one term is normalized: (kind, eps, [gamma, beta, scale, shift]) with None where absent."""
-    if module is None:
-        return NONE, 0.0, [None] * 4
-    if isinstance(module, RecurrentLayerNorm):
-        return LAYER, module.eps, [module.weight, module.bias, None, None]
-    if isinstance(module, CellShift):
-        # x + beta is the affine map with scale 1 and shift beta at every timestep.
-        shift = module.bias.expand(steps, -1).contiguous()
-        return AFFINE, 0.0, [None, None, torch.ones_like(shift), shift]
-    if not isinstance(module, RecurrentBatchNorm):
-        raise TypeError(f"unsupported normalization module {type(module).__name__}")
-    if not module.training:
-        scale, shift = module.affine(*module.population_statistics(start_step, steps))
-        return AFFINE, 0.0, [None, None, scale.contiguous(), shift.contiguous()]
-    # Only the input term is normalized with statistics pooled over time (the reference's RecurrentBatchNorm.forward);
-    # inside the loop, statistics are per timestep and only the population slots are shared (StepNorm).
-    kind = SHARED if input_term and module.share_statistics_over_time else BATCH
-    return kind, module.eps, [module.weight, module.bias, None, None]
+    """(kind code, eps, [gamma, beta, scale, shift]) of one term (`norm.loop_term`)."""
+    kind, eps, tensors = loop_term(module, steps, start_step, input_term)
+    return KINDS[kind], eps, tensors
 
 
 def _empty(like: Tensor) -> Tensor:

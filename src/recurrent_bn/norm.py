@@ -245,3 +245,28 @@ class RecurrentLayerNorm(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
         return nn.functional.layer_norm(x, (self.num_features,), self.weight, self.bias, self.eps)
+
+
+def loop_term(module: nn.Module | None, steps: int, start_step: int = 0, input_term: bool = False
+              ) -> tuple[str, float, list[Tensor | None]]:
+    """How one term's normalization enters a compiled loop over time (the C++ and the Triton kernels): its kind
+    ("none", "layer", "batch", "shared" or "affine"), eps, and [gamma, beta, scale, shift] with None where absent.
+
+    In evaluation a batch norm is its population statistics folded into a per-timestep affine map, and the cell's
+    `x + beta` is that map with scale 1. In training the statistics are per timestep; only an input term (the
+    projection, normalized before the loop's recurrence) of `share_statistics_over_time` pools them over time
+    ("shared"), as `RecurrentBatchNorm.forward` does; inside the loop only the population slots are shared."""
+    if module is None:
+        return "none", 0.0, [None] * 4
+    if isinstance(module, RecurrentLayerNorm):
+        return "layer", module.eps, [module.weight, module.bias, None, None]
+    if isinstance(module, CellShift):
+        shift = module.bias.expand(steps, -1).contiguous()
+        return "affine", 0.0, [None, None, torch.ones_like(shift), shift]
+    if not isinstance(module, RecurrentBatchNorm):
+        raise TypeError(f"unsupported normalization module {type(module).__name__}")
+    if not module.training:
+        scale, shift = module.affine(*module.population_statistics(start_step, steps))
+        return "affine", 0.0, [None, None, scale.contiguous(), shift.contiguous()]
+    kind = "shared" if input_term and module.share_statistics_over_time else "batch"
+    return kind, module.eps, [module.weight, module.bias, None, None]

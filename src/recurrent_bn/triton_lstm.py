@@ -25,10 +25,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, example_count
+from recurrent_bn.norm import example_count, loop_term
 
 # How a term is normalized; the kernels use the same numbers.
 NONE, BATCH, AFFINE, LAYER = 0, 1, 2, 3
+KINDS = {"none": NONE, "batch": BATCH, "affine": AFFINE, "layer": LAYER}
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
 INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
@@ -100,22 +101,9 @@ def launch_config(batch: int, hidden: int, rows: bool) -> dict:
 
 
 def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, float, list[Tensor | None]]:
-    """(kind, eps, [gamma, beta, scale, shift]) of one term in the loop; None where absent."""
-    if module is None:
-        return NONE, 0.0, [None] * 4
-    if isinstance(module, RecurrentLayerNorm):
-        return LAYER, module.eps, [module.weight, module.bias, None, None]
-    if isinstance(module, CellShift):
-        # x + β is the affine map with scale 1 and shift β at every timestep.
-        shift = module.bias.expand(steps, -1).contiguous()
-        return AFFINE, 0.0, [None, None, torch.ones_like(shift), shift]
-    if not isinstance(module, RecurrentBatchNorm):
-        raise TypeError(f"unsupported normalization module {type(module).__name__}")
-    if not module.training:
-        scale, shift = module.affine(*module.population_statistics(start_step, steps))
-        return AFFINE, 0.0, [None, None, scale.contiguous(), shift.contiguous()]
-    # In the loop the statistics are per timestep even when the population slots are shared (StepNorm).
-    return BATCH, module.eps, [module.weight, module.bias, None, None]
+    """(kind code, eps, [gamma, beta, scale, shift]) of one term in the loop (`norm.loop_term`)."""
+    kind, eps, tensors = loop_term(module, steps, start_step)
+    return KINDS[kind], eps, tensors
 
 
 def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor,

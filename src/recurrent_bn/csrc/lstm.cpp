@@ -190,6 +190,19 @@ void step_product(const Kernels<T>& k, const T* A, int64_t lda, int64_t rows, co
   }
 }
 
+// A thread's rows A (rows, K; row stride lda) times the prepared weight, C with row stride ldc: the packed product
+// into `buffer`, or matmul_nt of the rows as a tensor (`as_tensor()`, only built then), kept alive in `product`.
+template <typename T, typename Rows>
+const T* rows_product(const Kernels<T>& k, bool packed, const T* A, int64_t lda, int64_t rows, const Tensor& weight,
+                      std::vector<T>& buffer, int64_t ldc, Tensor& product, const Rows& as_tensor) {
+  if (packed) {
+    step_product(k, A, lda, rows, weight, buffer.data(), ldc);
+    return buffer.data();
+  }
+  product = matmul_nt(as_tensor(), weight);
+  return product.data_ptr<T>();
+}
+
 // Where the time of the last call went, per thread: [matrix products, elementwise, waiting at barriers] in
 // seconds, for the forward and the backward (scripts/bench.py reports it).
 std::array<std::array<double, 3>, kMaxTeam> forward_profile{}, backward_profile{};
@@ -378,13 +391,8 @@ ForwardResult forward_impl(const Tensor& P, const Tensor& h0, const Tensor& c0, 
       const double t0 = seconds();
       const int64_t cur = save ? t : (t & 1);
       Tensor product;
-      const T* R = buffer.data();
-      if (packed) {
-        step_product(k, p.hs + (cur * B + b0) * H, H, b1 - b0, Wp, buffer.data(), ldr);
-      } else {
-        product = matmul_nt(hs.select(0, cur).narrow(0, b0, b1 - b0), Wp);
-        R = product.data_ptr<T>();
-      }
+      const T* R = rows_product(k, packed, p.hs + (cur * B + b0) * H, H, b1 - b0, Wp, buffer, ldr, product,
+                                [&] { return hs.select(0, cur).narrow(0, b0, b1 - b0); });
       const double t1 = seconds();
       k.forward(p, team, id, t, b0, b1, R, ldr, s);
       matmul += t1 - t0;
@@ -467,13 +475,8 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
       k.backward(p, team, id, t, b0, b1, s, acc);
       const double t1 = seconds();
       Tensor product;
-      const T* g = buffer.data();
-      if (packed) {
-        step_product(k, p.DR + (t * B + b0) * G, G, b1 - b0, WT, buffer.data(), ldh);
-      } else {
-        product = matmul_nt(DR.select(0, t).narrow(0, b0, b1 - b0), WT);
-        g = product.data_ptr<T>();
-      }
+      const T* g = rows_product(k, packed, p.DR + (t * B + b0) * G, G, b1 - b0, WT, buffer, ldh, product,
+                                [&] { return DR.select(0, t).narrow(0, b0, b1 - b0); });
       const double t2 = seconds();
       const bool* mask_t = p.mask + t * B;
       for (int64_t b = b0; b < b1; ++b) {
