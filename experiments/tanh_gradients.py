@@ -2,12 +2,19 @@
 bn_linear_rnn, ln_rnn and bn_linear_rnn2, at initialization (γ = 0.1 and 1.0, the paper's MNIST setup) and, where
 the campaign's run of the model has a checkpoint, after training (its last.pt, at the γ it was trained with).
 
-    python experiments/tanh_gradients.py     # writes results/analysis/tanh_gradients.csv and .json
+    python experiments/tanh_gradients.py               # writes results/analysis/tanh_gradients.csv and .json
+    python experiments/tanh_gradients.py --split-only  # only the split below, from the stored csv
+
+The factor is also split by the pixel at each step (results/analysis/tanh_gradients_by_pixel.csv): steps whose
+pixel is the same for every image of the batch (0 at the border; the input term's batch norm is then 0) against
+steps whose pixel varies, over the same last 400 steps.
 
 The per-step factor is the geometric mean of g_t / g_{t+1} over the last 400 steps (backwards in time): below 1 the
 gradient vanishes into the past, above 1 it explodes. Needs MNIST; the trained rows need $RBN_CAMPAIGN_DIR's runs.
 """
 
+
+import sys
 
 import numpy as np
 import pandas as pd
@@ -58,9 +65,33 @@ def frame(network, x, y, model, gamma, when) -> pd.DataFrame:
                          "t": flow["t"], "log10_grad_norm": flow["log10_grad_norm"]})
 
 
+def by_pixel(table: pd.DataFrame, x: torch.Tensor) -> pd.DataFrame:
+    """The per-step factor g_t / g_{t+1} over the last WINDOW steps, split by whether the pixel of step t has zero
+    variance over the batch (x: (T, B, 1), the batch the flows were computed on)."""
+    constant = (x[:, :, 0].var(1, unbiased=False) == 0).numpy()
+    rows = []
+    for (model, gamma, when), group in table.groupby(["model", "gamma_init", "when"], dropna=False, sort=False):
+        log10 = group.sort_values("t")["log10_grad_norm"].to_numpy()
+        steps = np.arange(len(log10) - 1)[-(WINDOW - 1):]  # ratio i: g_{i+1} / g_{i+2} (t is 1-based)
+        ratio = log10[steps] - log10[steps + 1]
+        for name, chosen in (("pixel constant over the batch", constant[steps]),
+                             ("pixel varies", ~constant[steps])):
+            rows.append({"model": model, "gamma_init": gamma, "when": when, "steps": name,
+                         "count": int(chosen.sum()), "factor_per_step": float(10 ** ratio[chosen].mean())})
+    return pd.DataFrame(rows)
+
+
 if __name__ == "__main__":
     x, y = analysis.mnist_batch(task="pmnist", size=100)
+    if "--split-only" in sys.argv[1:]:
+        split = by_pixel(pd.read_csv(analysis_root() / "tanh_gradients.csv"), x)
+        write_analysis(split, analysis_root() / "tanh_gradients_by_pixel.csv", provenance(window=WINDOW))
+        print(split.to_string(index=False))
+        sys.exit(0)
     table = flows(x, y)
+    split = by_pixel(table, x)
+    write_analysis(split, analysis_root() / "tanh_gradients_by_pixel.csv", provenance(window=WINDOW))
+    print(split.to_string(index=False))
     summary = [{"model": m, "gamma_init": g, "when": w, "factor_per_step": factor(group["log10_grad_norm"].to_numpy()),
                 "log10_at_t1": group["log10_grad_norm"].iloc[0], "log10_at_T": group["log10_grad_norm"].iloc[-1]}
                for (m, g, w), group in table.groupby(["model", "gamma_init", "when"], dropna=False, sort=False)]
