@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from recurrent_bn import analysis, data
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.provenance import provenance, write_analysis
+from recurrent_bn.recurrence import fused_available
 from recurrent_bn.trainer import train
 
 REPO = CONF_DIR.parent
@@ -33,6 +34,21 @@ def compose_config(*overrides: str, return_hydra_config: bool = False) -> DictCo
 def make_cfg():
     """`make_cfg(*overrides)`: the composed config (`compose_config`)."""
     return compose_config
+
+
+@pytest.fixture(params=["reference"] + (["fused"] if fused_available() else []))
+def backend(request):
+    """Each backend of the layers that runs on this machine's CPU."""
+    return request.param
+
+
+@pytest.fixture
+def float64():
+    """float64 as the default dtype for the test (equivalences to 1e-10); modules ask for it with usefixtures."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 # ------------------------------------------------------------------------------------------ the results tree

@@ -16,6 +16,7 @@ import warnings
 
 import pytest
 import torch
+from compare import assert_all_close, buffers, run
 
 import recurrent_bn as rb
 from recurrent_bn import fused, recurrence
@@ -89,30 +90,6 @@ def pair(kwargs, input_size, hidden, layers, max_length, dtype=torch.float64):
     fast = copy.deepcopy(reference)
     fast.backend = "fused"
     return reference, fast
-
-
-def run(model, x, hx, lengths, start_step=0, seed=2):
-    """Outputs, final states, gradients of a weighted loss w.r.t. the input, initial states and every parameter."""
-    y, (h, c) = model(x, hx, lengths, start_step=start_step)
-    generator = torch.Generator().manual_seed(seed)
-    weights = [torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.dtype) for t in (y, h, c)]
-    loss = sum((t * w).sum() for t, w in zip((y, h, c), weights, strict=True))
-    inputs = [x, *hx, *model.parameters()]
-    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-    return [y, h, c], list(grads)
-
-
-def assert_all_close(a, b, tol, what):
-    for i, (u, v) in enumerate(zip(a, b, strict=True)):
-        if u is None or v is None:
-            assert u is None and v is None, f"{what}[{i}]: one is None"
-            continue
-        assert u.shape == v.shape, f"{what}[{i}]: shapes {tuple(u.shape)} and {tuple(v.shape)}"
-        assert torch.allclose(u, v, atol=tol, rtol=tol), f"{what}[{i}]: max difference {float((u - v).abs().max())}"
-
-
-def buffers(model):
-    return [b.clone() for b in model.buffers()]
 
 
 def inputs(steps, batch, input_size, hidden, layers, with_lengths, dtype=torch.float64, seed=3):

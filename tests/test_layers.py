@@ -12,24 +12,10 @@ import torch
 from torch import nn
 
 import recurrent_bn as rb
-from recurrent_bn.recurrence import fused_available
 
 EPS = 1e-5
 
-BACKENDS = ["reference"] + (["fused"] if fused_available() else [])
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request):
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+pytestmark = pytest.mark.usefixtures("float64")  # `backend` and `float64`: tests/conftest.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

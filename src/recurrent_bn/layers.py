@@ -238,6 +238,17 @@ class _RecurrentStack(nn.Module):
 
     state_count: int  # 2 for the LSTM (h, c), 1 for the RNN
 
+    def _reset(self, init_terms) -> None:
+        """`init_terms(self, suffix)` for every layer and direction, then each normalization's own reset and h_0 = 0."""
+        for layer in range(self.num_layers):
+            for name in self._layer_names(layer):
+                init_terms(self, f"_{name}")
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if self.learn_initial_state:
+            nn.init.zeros_(self.initial_state)
+
     def __init__(
         self, input_size: int, hidden_size: int, num_layers: int, batch_first: bool, dropout: float,
         learn_initial_state: bool, init_state_noise: float, init_state_noise_mode: str, backend: str,
@@ -514,14 +525,7 @@ class LSTM(_RecurrentStack):
 
     def reset_parameters(self) -> None:
         """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
-        for layer in range(self.num_layers):
-            for name in self._layer_names(layer):
-                _init_lstm_terms_(self, f"_{name}")
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        if self.learn_initial_state:
-            nn.init.zeros_(self.initial_state)
+        self._reset(_init_lstm_terms_)
 
     def _uses_triton(self, x: Tensor) -> bool:
         """Whether this layer's loop runs on the Triton kernels: backend "triton" (which raises with one line when
@@ -639,14 +643,7 @@ class RNN(_RecurrentStack):
 
     def reset_parameters(self) -> None:
         """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-        for layer in range(self.num_layers):
-            for name in self._layer_names(layer):
-                _init_rnn_terms_(self, f"_{name}")
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        if self.learn_initial_state:
-            nn.init.zeros_(self.initial_state)
+        self._reset(_init_rnn_terms_)
 
     def _between_layers(self, output: Tensor) -> Tensor:
         return recurrence.ACTIVATIONS[self.layer_activation](output)
