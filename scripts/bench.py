@@ -11,11 +11,12 @@ the paper's PTB size (hidden 1000) and the text8 size (T 180, input 27, hidden 2
 Reported per implementation and mode: ms per step (median, min-max), the ratio to `torch.nn.LSTM` and to the
 per-timestep BN-LSTM in the same mode, sequences per second, the achieved GFLOP/s of the matrix products, and the
 peak memory of a training step. The rows go to results/bench.csv (with the machine description) and the tables to
-results/bench.md. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; a child process started without
-it times a subset for comparison. Denormals are flushed to zero for every implementation, as the trainer does
-(`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s backward through 784 steps decays into denormals and
-ran 8x slower with them. `--oversubscribed` times the BN-LSTM training step on one and on two threads while another
-process keeps one core busy (see `oversubscribed`). The script prints numbers; it asserts nothing.
+results/bench.md. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; child processes time
+torch.nn.LSTM and bn_lstm (fused) each alone, with the tuning and without it, for comparison. Denormals are flushed
+to zero for every implementation, as the trainer does (`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s
+backward through 784 steps decays into denormals and ran 8x slower with them. `--oversubscribed` times the BN-LSTM
+training step on one and on two threads while another process keeps one core busy (see `oversubscribed`). The script
+prints numbers; it asserts nothing.
 
     python scripts/bench.py                 # everything (about 10-15 minutes on 2 cores)
     python scripts/bench.py --quick         # pMNIST and PTB shapes, 2 repeats
@@ -162,7 +163,9 @@ def selected(name: str, patterns: list[str] | None) -> bool:
     if not patterns:
         return True
     aliases = {"nn": NN, "per-timestep": PER_TIMESTEP}
-    return any(aliases.get(p, p) == name or (p not in aliases and p in name) for p in patterns)
+    # "=name": that implementation only (a plain pattern is a substring: bn_lstm/fused also selects vbn_lstm/fused)
+    return any(p[1:] == name if p.startswith("=") else aliases.get(p, p) == name or (p not in aliases and p in name)
+               for p in patterns)
 
 
 def matmul_flops(shape: dict) -> int:
@@ -302,26 +305,30 @@ def run_shape(name: str, shape: dict, args, log) -> list[dict]:
 
 
 def malloc_comparison(args, log) -> list[dict]:
-    """Time torch.nn.LSTM and bn_lstm (fused) in a child process with glibc's default malloc settings."""
+    """Time torch.nn.LSTM and bn_lstm (fused) each alone in a child process, with the malloc tuning and with glibc's
+    defaults: alone, because in one process the implementations' allocations disturb each other's heap."""
     shapes = [s for s in (args.shapes.split(",") if args.shapes else ["pmnist", "ptb"]) if s in ("pmnist", "ptb")]
     if not shapes:
         return []
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / ".bench-malloc-off.json"
-    command = [sys.executable, str(Path(__file__).resolve()), "--malloc", "off", "--no-malloc-compare",
-               "--no-memory", "--shapes", ",".join(shapes), "--impls", "nn,bn_lstm/fused", "--modes", "train",
-               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--denormals", args.denormals,
-               "--json", str(out)]
-    if args.threads:
-        command += ["--threads", str(args.threads)]
+    out = Path(args.out) / ".bench-malloc.json"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    log("malloc comparison: child process with glibc's defaults ...")
-    result = subprocess.run(command, env=environment, capture_output=True, text=True)
-    if result.returncode != 0:
-        log(f"  child failed: {result.stderr.strip().splitlines()[-1:]}")
-        return []
-    rows = json.loads(out.read_text())
-    out.unlink()
+    rows = []
+    for impl in ("nn", "=bn_lstm/fused"):
+        for malloc in ("on", "off"):
+            command = [sys.executable, str(Path(__file__).resolve()), "--malloc", malloc, "--no-malloc-compare",
+                       "--no-memory", "--shapes", ",".join(shapes), "--impls", impl, "--modes", "train",
+                       "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--denormals", args.denormals,
+                       "--json", str(out)]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            log(f"malloc comparison: {impl.lstrip('=')} alone in a child process, tuning {malloc} ...")
+            result = subprocess.run(command, env=environment, capture_output=True, text=True)
+            if result.returncode != 0:
+                log(f"  child failed: {result.stderr.strip().splitlines()[-1:]}")
+                continue
+            rows += [{**row, "malloc": malloc} for row in json.loads(out.read_text())]
+            out.unlink()
     return rows
 
 
@@ -423,14 +430,14 @@ def tables(rows: list[dict], off_rows: list[dict], info: dict) -> str:
                 lines += ["", f"bn_lstm/fused, where the time goes (last training step): {'; '.join(parts)}; "
                           f"dW_h product after the loop {weight[0] * 1e3:.1f} ms."]
     if off_rows:
-        lines += ["", "## glibc malloc tuning (training step, ms median)", "",
-                  "| shape | implementation | tuned (M_MMAP_MAX=0, large M_TRIM_THRESHOLD) | glibc defaults |",
-                  "|---|---|---|---|"]
-        for off in off_rows:
-            on = next((r for r in rows if r.get("shape") == off["shape"] and r.get("impl") == off["impl"]
-                       and r.get("mode") == "train" and "ms_median" in r), None)
-            lines.append(f"| {off['shape']} | {off['impl']} | {fmt(on and on['ms_median'])} | "
-                         f"{fmt(off['ms_median'])} |")
+        lines += ["", "## glibc malloc tuning (training step, ms median, each implementation alone in a process)", "",
+                  "| shape | implementation | tuned (M_MMAP_MAX=0, large M_TRIM_THRESHOLD) | glibc defaults | defaults "
+                  "/ tuned |", "|---|---|---|---|---|"]
+        for key in dict.fromkeys((r["shape"], r["impl"]) for r in off_rows):
+            on, off = (next((r["ms_median"] for r in off_rows if (r["shape"], r["impl"]) == key
+                             and r["malloc"] == malloc), None) for malloc in ("on", "off"))
+            ratio = f"{off / on:.2f}" if on and off else "n/a"
+            lines.append(f"| {key[0]} | {key[1]} | {fmt(on)} | {fmt(off)} | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
