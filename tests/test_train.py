@@ -90,6 +90,8 @@ def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(
     assert saved["status"] == "completed" and saved["steps"] == 6 and saved["metric"] == metric
     assert saved["test_metric"] == summary["test_metric"] and saved["best_step"] in (3, 6)
     assert saved["config"]["task"]["name"] == task and saved["torch_version"] == torch.__version__
+    if task in ("pmnist", "smnist", "digits"):  # a plain LSTM has no population statistics to re-estimate
+        assert ("re-estimated" in saved["test_protocol"]) == (model == "bn_lstm")
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     assert checkpoint["step"] == 6 and set(checkpoint) >= {"model", "optimizer", "scheduler", "data", "rng"}
     assert (run / "best.pt").exists() and (run / "final.pt").exists() and (run / "config.yaml").exists()

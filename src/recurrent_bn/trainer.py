@@ -562,9 +562,11 @@ def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: P
     else:
         with autocast:
             result = task.evaluate(model, task.batches("test"))
-        out["test_protocol"] = "test set, population statistics re-estimated over the training set"
+        out["test_protocol"] = ("test set, population statistics re-estimated over the training set"
+                                if batch_norms(model) else "test set")
     write({"step": step, "split": "test", **result})
-    log.info("test (best checkpoint, step %s, statistics from %d training batches): loss %.4f %s %.4f",
-             best_step, estimated, result["loss"], task.metric, result[task.metric])
+    statistics = f", statistics from {estimated} training batches" if batch_norms(model) else ""
+    log.info("test (best checkpoint, step %s%s): loss %.4f %s %.4f", best_step, statistics, result["loss"],
+             task.metric, result[task.metric])
     out.update(test_metric=result[task.metric], test_loss=result["loss"])
     return out
