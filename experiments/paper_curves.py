@@ -104,8 +104,10 @@ def collected(name: str) -> Path:
 
 
 def recorded(name: str) -> tuple[str, int]:
-    """The state of the run's record committed under results/ (it outlives the run directory)."""
-    return state(collected(name))
+    """The state of the run's record committed under results/ (it outlives the run directory; it never holds a
+    checkpoint, so an unfinished record with steps is "partial")."""
+    record_state, steps = state(collected(name))
+    return ("partial" if record_state == "missing" and steps else record_state), steps
 
 
 def launch(name: str, root: Path) -> subprocess.Popen:
