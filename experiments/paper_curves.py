@@ -7,13 +7,16 @@ One command that can be run again and again, in every working session, until eve
     python experiments/paper_curves.py --status     # how far each run got
     python experiments/paper_curves.py --collect    # copy the records into results/runs/{paper_curves,tanh_question}/
 
-Run directories live outside the repository, in $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository, like
-../shared), because the work tree may be laid anew between sessions; `--collect` copies each run's record (not its
-checkpoints) into the repository, so that the curves so far survive even if the run directories do not. Each run
-checkpoints every 250 steps, so a stopped session loses at most that much. Runs use one torch thread each; `--jobs
-2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels' thread team loses
-more to a busy neighbour than a second thread gains). Everything runs under `nice` so that interactive work keeps
-the machine.
+Runs write into $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository), so that git operations in the
+work tree never touch a file a run has open. Only the repository is sure to reach the next working session, maybe
+on another machine, so `--collect` copies each run's record into results/runs/{paper_curves,tanh_question}/<run>/
+and, while the run is unfinished, its checkpoints too (last.pt, and best.pt, which the final test needs): commit
+them at least every hour. A run whose directory is missing (a new machine) is restored from that copy and resumed
+there. Once a run has finished, its checkpoints leave results/ and only the record stays, with final.pt (the tested
+weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints every 250 steps. Runs use one torch thread
+each; `--jobs 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels'
+thread team loses more to a busy neighbour than a second thread gains). Everything runs under `nice` so that
+interactive work keeps the machine.
 """
 
 from __future__ import annotations
@@ -32,31 +35,34 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "runs" / "paper_curves"
 TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
 RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json", "resumes.yaml")
+CARRIED = ("last.pt", "best.pt")  # what an unfinished run needs to go on elsewhere, committed beside its record
+FINAL_KEPT_BYTES = 1_000_000  # final.pt stays in results/ when at most this large (the LSTMs; not the BN-LSTMs' 6 MB)
 # Only the step counts and the validation cadence differ from the paper_* presets.
 COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
 MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
+# pMNIST validation (all 10,000 images through 784 steps) costs minutes: every 500 steps still draws the curve.
+PMNIST = ["trainer.log_every=50", "trainer.eval_every=500"]
 RUNS: dict[str, list[str]] = {
-    # The tanh question on pMNIST with a true permutation (a linear classifier's ceiling is then order-free); first,
-    # because its four one-layer RNNs are the cheapest runs and together answer one question.
-    **{
-        f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
-                                    "trainer.max_steps=20000", *MNIST]
-        for model in ("rnn", "bn_rnn", "bn_linear_rnn", "ln_rnn")
-    },
-    # Figure 2, sequential MNIST: the paper's BN-LSTM is above 0.95 by about 10k steps.
-    "smnist_lstm_s1": ["experiment=paper_smnist", "model=lstm", "trainer.max_steps=10000", *MNIST],
-    "smnist_bn_lstm_s1": ["experiment=paper_smnist", "model=bn_lstm", "trainer.max_steps=10000", *MNIST],
     # Figure 2, permuted MNIST with the authors' order (their Table 1 task): read at 10k and 20k steps.
-    "pmnist_lstm_authors_s1": ["experiment=paper_pmnist", "model=lstm", "trainer.max_steps=20000", *MNIST],
-    "pmnist_bn_lstm_authors_s1": ["experiment=paper_pmnist", "model=bn_lstm", "trainer.max_steps=20000", *MNIST],
-    # The tanh question's way out: two BN-linear recurrences with tanh between them.
-    "tanh_pmnist_bn_linear_rnn2_s1": ["experiment=paper_pmnist", "model=bn_linear_rnn2", "task.permutation=random",
-                                      "trainer.max_steps=20000", *MNIST],
+    "pmnist_lstm_authors_s1": ["experiment=paper_pmnist", "model=lstm", "trainer.max_steps=20000", *PMNIST],
+    "pmnist_bn_lstm_authors_s1": ["experiment=paper_pmnist", "model=bn_lstm", "trainer.max_steps=20000", *PMNIST],
     # Figure 3a, PTB at hidden 1000: read at 800, 4k and 8k steps; validated every 400 on the whole split.
     "ptb_lstm_s1": ["experiment=paper_ptb", "model=lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
                     "trainer.log_every=50"],
     "ptb_bn_lstm_s1": ["experiment=paper_ptb", "model=bn_lstm", "trainer.max_steps=8000", "trainer.eval_every=400",
                        "trainer.log_every=50"],
+    # The tanh question on pMNIST with a true permutation (a linear classifier's ceiling is then order-free). The
+    # tanh RNN finished (validated every 250 steps); the others validate every 500.
+    "tanh_pmnist_rnn_s1": ["experiment=paper_pmnist", "model=rnn", "task.permutation=random",
+                           "trainer.max_steps=20000", *MNIST],
+    **{
+        f"tanh_pmnist_{model}_s1": ["experiment=paper_pmnist", f"model={model}", "task.permutation=random",
+                                    "trainer.max_steps=20000", *PMNIST]
+        for model in ("bn_rnn", "bn_linear_rnn", "ln_rnn", "bn_linear_rnn2")  # the last: the way out, tanh between
+    },
+    # Figure 2, sequential MNIST (finished): the paper's BN-LSTM is above 0.95 by about 10k steps.
+    "smnist_lstm_s1": ["experiment=paper_smnist", "model=lstm", "trainer.max_steps=10000", *MNIST],
+    "smnist_bn_lstm_s1": ["experiment=paper_smnist", "model=bn_lstm", "trainer.max_steps=10000", *MNIST],
 }
 
 
@@ -104,14 +110,37 @@ def collected(name: str) -> Path:
 
 
 def recorded(name: str) -> tuple[str, int]:
-    """The state of the run's record committed under results/ (it outlives the run directory; it never holds a
-    checkpoint, so an unfinished record with steps is "partial")."""
+    """The state of the run's record committed under results/ (it outlives the run directory; an unfinished record
+    is "partial", whether it carries a checkpoint or, from before checkpoints were carried, not)."""
     record_state, steps = state(collected(name))
     return ("partial" if record_state == "missing" and steps else record_state), steps
 
 
+def copy_record(source: Path, target: Path, files: tuple[str, ...]) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for file in files:
+        if (source / file).exists():
+            shutil.copy2(source / file, target / file)
+    if (source / ".hydra").exists():
+        shutil.copytree(source / ".hydra", target / ".hydra", dirs_exist_ok=True)
+
+
+def restore(name: str, run_dir: Path) -> bool:
+    """Lay out a run from the checkpoint committed beside its record, when the run directory has none (a new
+    machine, or a lost directory); True if it did. The trainer drops the record's rows past the checkpoint's step."""
+    record = collected(name)
+    if (run_dir / "last.pt").exists() or not (record / "last.pt").exists():
+        return False
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    copy_record(record, run_dir, RECORD + CARRIED)
+    print(f"{name}: restored from {record.relative_to(REPO)} (checkpoint committed in the repository)", flush=True)
+    return True
+
+
 def launch(name: str, root: Path) -> subprocess.Popen:
     run_dir = root / name
+    restore(name, run_dir)
     run_state, steps = state(run_dir)
     if run_state == "missing" and run_dir.exists():
         print(f"{name}: {run_dir} has no checkpoint; starting it again from step 0", flush=True)
@@ -163,7 +192,8 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
 
 
 def collect(root: Path, names: list[str]) -> None:
-    """Copy each run's record (no checkpoints) into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*)."""
+    """Copy each run's record into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*), with its
+    checkpoints while it is unfinished; a finished run's checkpoints leave results/ (final.pt stays if small)."""
     for name in names:
         source = root / name
         if not source.exists():
@@ -175,12 +205,14 @@ def collect(root: Path, names: list[str]) -> None:
             print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}",
                   flush=True)
             continue
-        target.mkdir(parents=True, exist_ok=True)
-        for file in RECORD:
-            if (source / file).exists():
-                shutil.copy2(source / file, target / file)
-        if (source / ".hydra").exists():
-            shutil.copytree(source / ".hydra", target / ".hydra", dirs_exist_ok=True)
+        finished = run_state == "finished"
+        copy_record(source, target, RECORD if finished else RECORD + CARRIED)
+        if finished:
+            for file in CARRIED:
+                (target / file).unlink(missing_ok=True)
+            final = source / "final.pt"
+            if final.exists() and final.stat().st_size <= FINAL_KEPT_BYTES:
+                shutil.copy2(final, target / "final.pt")
 
 
 def main() -> int:
@@ -188,7 +220,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
     parser.add_argument("--only", nargs="*", default=None, help=f"a subset of: {' '.join(RUNS)}")
     parser.add_argument("--status", action="store_true", help="print each run's state and stop")
-    parser.add_argument("--collect", action="store_true", help="copy the records into results/ and stop")
+    parser.add_argument("--collect", action="store_true",
+                        help="copy the records (and unfinished runs' checkpoints) into results/ and stop")
     args = parser.parse_args()
     names = args.only or list(RUNS)
     unknown = sorted(set(names) - set(RUNS))

@@ -3,6 +3,7 @@ started again from step 0 replace the longer record committed under results/."""
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -53,3 +54,37 @@ def test_a_finished_record_is_not_run_again(campaign, tmp_path, capsys):
     write_run(tmp_path / "campaign" / name, 100)  # nor does a partial run directory replace it
     campaign.collect(tmp_path / "campaign", [name])
     assert campaign.recorded(name) == ("finished", 20000)
+
+
+def test_an_unfinished_run_carries_its_checkpoints_and_is_restored_from_them(campaign, tmp_path):
+    name = "pmnist_bn_lstm_authors_s1"
+    run = tmp_path / "campaign" / name
+    write_run(run, 1000)
+    (run / "last.pt").write_bytes(b"last")
+    (run / "best.pt").write_bytes(b"best")
+    campaign.collect(tmp_path / "campaign", [name])
+    record = campaign.collected(name)
+    assert (record / "last.pt").read_bytes() == b"last" and (record / "best.pt").read_bytes() == b"best"
+
+    shutil.rmtree(tmp_path / "campaign")  # the next session, on another machine
+    assert campaign.restore(name, run)
+    assert (run / "last.pt").read_bytes() == b"last" and (run / "best.pt").read_bytes() == b"best"
+    assert campaign.state(run) == ("partial", 1000)
+    assert campaign.command(name, run)[-1] == f"resume={run}"
+    assert not campaign.restore(name, run)  # a run directory with its own checkpoint is left alone
+
+
+def test_a_finished_run_leaves_its_checkpoints_out_of_the_repository(campaign, tmp_path):
+    name = "pmnist_lstm_authors_s1"
+    run = tmp_path / "campaign" / name
+    write_run(run, 1000)
+    campaign.collect(tmp_path / "campaign", [name])
+    assert (campaign.collected(name) / "last.pt").exists()
+    write_run(run, 2000, finished=True)
+    (run / "final.pt").write_bytes(b"small")
+    (run / "best.pt").write_bytes(b"best")
+    campaign.collect(tmp_path / "campaign", [name])
+    record = campaign.collected(name)
+    assert not (record / "last.pt").exists() and not (record / "best.pt").exists()
+    assert (record / "final.pt").read_bytes() == b"small"
+    assert campaign.recorded(name) == ("finished", 2000)

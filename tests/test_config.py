@@ -148,3 +148,25 @@ def test_an_mnist_pixel_order_on_another_task_is_refused_before_the_data(make_cf
     assert sorted(order.tolist()) == list(range(64))
     with pytest.raises(ConfigError, match="order of MNIST's 784 pixels"):
         pixel_order("common", 0, num_pixels=64)
+
+
+def test_a_run_saved_before_a_trainer_key_existed_resumes_with_its_default(make_cfg, tmp_path):
+    from recurrent_bn.config import load_for_resume
+
+    cfg = OmegaConf.to_container(make_cfg("task=digits", "model=bn_lstm"), resolve=True)
+    del cfg["trainer"]["estimate_batch_size"]  # a config.yaml written before the key was added
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(cfg)))
+    resumed = load_for_resume(tmp_path, [])
+    assert resumed.trainer.estimate_batch_size is None
+
+
+def test_estimation_batches_have_the_size_asked_for(make_cfg, tmp_path):
+    import torch
+
+    from recurrent_bn.tasks import Task
+
+    cfg = make_cfg("task=digits", "model=bn_lstm", "task.batch_size=16")
+    task = Task(cfg.task, torch.device("cpu"), seed=0)
+    assert [x.shape[1] for x in task.estimation_inputs(2)] == [16, 16]
+    assert [x.shape[1] for x in task.estimation_inputs(2, 500)] == [500, 500]
+    assert sum(x.shape[1] for x in task.estimation_inputs(None, 500)) == len(task.splits["train"][1])

@@ -102,7 +102,7 @@ def validate(cfg: DictConfig) -> None:
                 "task.eval_batch_size", "trainer.max_steps", "trainer.eval_every", "trainer.checkpoint_every",
                 "trainer.log_every"):
         _positive_int(cfg, key)
-    for key in ("trainer.eval_batches", "trainer.estimate_batches", "trainer.threads"):
+    for key in ("trainer.eval_batches", "trainer.estimate_batches", "trainer.estimate_batch_size", "trainer.threads"):
         _positive_int(cfg, key, allow_none=True)
     _positive_float(cfg, "optim.lr")
     _require(cfg.optim.lr < FLOAT32_MAX, "optim.lr", "a number below 3.4e38 (float32's largest)", cfg.optim.lr)
@@ -231,6 +231,10 @@ def load_for_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
         )
     cfg = _load_saved(saved, run_dir)
     cfg.model = drop_stale_keys(cfg.model)
+    # A trainer key added after the run started takes its default, which is the behaviour the run was started with.
+    for key, value in OmegaConf.load(CONF_DIR / "config.yaml").trainer.items():
+        if key not in cfg.trainer:
+            cfg.trainer[key] = value
     for override in overrides:
         if override.startswith(("resume=", "hydra.", "hydra/", "+hydra", "~hydra")):
             continue

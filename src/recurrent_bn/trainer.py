@@ -174,7 +174,8 @@ def validate_once(task: Task, model: torch.nn.Module, trainer_cfg: DictConfig) -
                              statistics="batch")
     statistics = contextlib.nullcontext()
     if trainer_cfg.valid_statistics == "estimated":
-        statistics = estimated_statistics(model, task.estimation_inputs(trainer_cfg.estimate_batches))
+        inputs = task.estimation_inputs(trainer_cfg.estimate_batches, trainer_cfg.estimate_batch_size)
+        statistics = estimated_statistics(model, inputs)
     with statistics:
         return task.evaluate(model, task.batches("valid", batches))
 
@@ -537,7 +538,8 @@ def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: P
     estimated = 0
     if batch_norms(model):
         with autocast:
-            estimated = estimate_population_statistics(model, task.estimation_inputs(cfg.trainer.estimate_batches))
+            inputs = task.estimation_inputs(cfg.trainer.estimate_batches, cfg.trainer.estimate_batch_size)
+            estimated = estimate_population_statistics(model, inputs)
     save_atomic({"model": model.state_dict(), "step": best_step, "estimated_batches": estimated}, run_dir / "final.pt")
     step = best_step or 0
     out = {"test_step": best_step, "estimation_batches": estimated}
