@@ -65,7 +65,7 @@ struct Kernels {
   void (*forward)(const Problem<T>&, const Team<T>&, int64_t, int64_t, int64_t, int64_t, const T*, int64_t,
                   Scratch<T>&);
   void (*backward)(const Problem<T>&, const Team<T>&, int64_t, int64_t, int64_t, int64_t, Scratch<T>&,
-                   Accumulators<T>&);
+                   Accumulators<T>*);
   void (*shared)(const Problem<T>&, int64_t, int64_t, const T*, const T*, const T*, const T*, const T*);
   void (*moments)(const T*, int64_t, int64_t, int64_t, const bool*, T, T*, T*);
   // C = A B^T with B packed (float32 on AVX-512 only; null elsewhere: the products go to oneDNN or ATen).
@@ -79,8 +79,8 @@ struct Kernels {
     forward_step<TYPE>(p, team, id, t, b0, b1, R, ldr, s);                                                     \
   }                                                                                                            \
   ATTRIBUTE void backward_##SUFFIX(const Problem<TYPE>& p, const Team<TYPE>& team, int64_t id, int64_t t,      \
-                                   int64_t b0, int64_t b1, Scratch<TYPE>& s, Accumulators<TYPE>& acc) {        \
-    backward_step<TYPE>(p, team, id, t, b0, b1, s, acc);                                                       \
+                                   int64_t b0, int64_t b1, Scratch<TYPE>& s, Accumulators<TYPE>* accs) {       \
+    backward_step<TYPE>(p, team, id, t, b0, b1, s, accs);                                                      \
   }                                                                                                            \
   ATTRIBUTE void shared_##SUFFIX(const Problem<TYPE>& p, int64_t r0, int64_t r1, const TYPE* mean,             \
                                  const TYPE* rstd, const TYPE* coef, const TYPE* m1, const TYPE* m2) {         \
@@ -190,17 +190,28 @@ void step_product(const Kernels<T>& k, const T* A, int64_t lda, int64_t rows, co
   }
 }
 
-// A thread's rows A (rows, K; row stride lda) times the prepared weight, C with row stride ldc: the packed product
-// into `buffer`, or matmul_nt of the rows as a tensor (`as_tensor()`, only built then), kept alive in `product`.
-template <typename T, typename Rows>
-const T* rows_product(const Kernels<T>& k, bool packed, const T* A, int64_t lda, int64_t rows, const Tensor& weight,
-                      std::vector<T>& buffer, int64_t ldc, Tensor& product, const Rows& as_tensor) {
-  if (packed) {
-    step_product(k, A, lda, rows, weight, buffer.data(), ldc);
-    return buffer.data();
+// A thread's rows of A (row stride lda; rows of `source`, a (B, K) tensor, from row b0) times the prepared weight,
+// C with row stride ldc: the packed product into `buffer`, or matmul_nt of the rows as a tensor, kept alive in
+// `product`. One product per block of the team, so that a row's result never depends on how many rows a thread
+// has (with several blocks the unpacked products are copied into `buffer`).
+template <typename T>
+const T* rows_product(const Kernels<T>& k, bool packed, const Team<T>& team, int64_t id, const T* A, int64_t lda,
+                      const Tensor& source, int64_t b0, const Tensor& weight, std::vector<T>& buffer, int64_t ldc,
+                      Tensor& product) {
+  const bool one_block = team.first_block[id + 1] - team.first_block[id] == 1;
+  if (!packed && one_block) {
+    product = matmul_nt(source.narrow(0, b0, team.starts[team.first_block[id] + 1] - b0), weight);
+    return product.data_ptr<T>();
   }
-  product = matmul_nt(as_tensor(), weight);
-  return product.data_ptr<T>();
+  team.for_each_block(id, [&](int64_t, int64_t r0, int64_t r1) {
+    if (packed) {
+      step_product(k, A + r0 * lda, lda, r1 - r0, weight, buffer.data() + r0 * ldc, ldc);
+    } else {
+      const Tensor part = matmul_nt(source.narrow(0, b0 + r0, r1 - r0), weight);
+      std::copy(part.data_ptr<T>(), part.data_ptr<T>() + part.numel(), buffer.data() + r0 * ldc);
+    }
+  });
+  return buffer.data();
 }
 
 // Where the time of the last call went, per thread: [matrix products, elementwise, waiting at barriers] in
@@ -370,7 +381,7 @@ ForwardResult forward_impl(const Tensor& P, const Tensor& h0, const Tensor& c0, 
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
   const Tensor Wp = packed ? pack_panels(W) : prepare_weight(W, split_rows(threads, B)[0].second);
-  const int64_t ldr = packed ? Wp.size(0) * kPanel : G;
+  const int64_t ldr = packed ? Wp.size(0) * kPanel : G;  // matmul_nt's products are (rows, G)
   for (auto& entry : forward_profile) entry = {0, 0, 0};
 
   run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
@@ -386,13 +397,13 @@ ForwardResult forward_impl(const Tensor& P, const Tensor& h0, const Tensor& c0, 
     double matmul = 0, elementwise = 0;
     const double start = seconds();
     barrier_wait[id] = 0;
-    std::vector<T> buffer(packed ? (b1 - b0) * ldr : 0);
+    std::vector<T> buffer((b1 - b0) * ldr);
     for (int64_t t = 0; t < S; ++t) {
       const double t0 = seconds();
       const int64_t cur = save ? t : (t & 1);
       Tensor product;
-      const T* R = rows_product(k, packed, p.hs + (cur * B + b0) * H, H, b1 - b0, Wp, buffer, ldr, product,
-                                [&] { return hs.select(0, cur).narrow(0, b0, b1 - b0); });
+      const T* R = rows_product(k, packed, team, id, p.hs + (cur * B + b0) * H, H, hs.select(0, cur), b0, Wp, buffer,
+                                ldr, product);
       const double t1 = seconds();
       k.forward(p, team, id, t, b0, b1, R, ldr, s);
       matmul += t1 - t0;
@@ -447,8 +458,9 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   p.DR = DR.data_ptr<T>();
   p.dP = dP.data_ptr<T>();
 
-  // One set of sums per thread of the largest team run_team may form; those of threads that never ran stay empty.
+  // One set of sums per block of the team (the blocks are fixed by `threads`, whoever runs them).
   std::vector<Accumulators<T>> accs(split_rows(threads, B).size());
+  for (auto& acc : accs) acc.init(p);
   const Kernels<T>& k = kernels<T>();
   const bool packed = uses_packed_gemm(k);
   // dh_{t-1} = DR_t W_h, the product with W_h^T transposed.
@@ -456,7 +468,7 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   const int64_t ldh = packed ? WT.size(0) * kPanel : H;
   for (auto& entry : backward_profile) entry = {0, 0, 0};
 
-  const int64_t team_size = run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
+  run_team<T>(threads, B, G, [&](const TeamOverRows<T>& rows, int64_t id) {
     omp_set_num_threads(1);  // see forward_impl
     c10::AutoGradMode no_grad(false);
     const Team<T>& team = rows.team;
@@ -464,19 +476,17 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
     Scratch<T> s;
     s.init(b1 - b0, H);
     load_shared_stats(p, s);
-    Accumulators<T>& acc = accs[id];
-    acc.init(p);
     double matmul = 0, elementwise = 0;
     const double start = seconds();
     barrier_wait[id] = 0;
-    std::vector<T> buffer(packed ? (b1 - b0) * ldh : 0);
+    std::vector<T> buffer((b1 - b0) * ldh);
     for (int64_t t = S - 1; t >= 0; --t) {
       const double t0 = seconds();
-      k.backward(p, team, id, t, b0, b1, s, acc);
+      k.backward(p, team, id, t, b0, b1, s, accs.data());
       const double t1 = seconds();
       Tensor product;
-      const T* g = rows_product(k, packed, p.DR + (t * B + b0) * G, G, b1 - b0, WT, buffer, ldh, product,
-                                [&] { return DR.select(0, t).narrow(0, b0, b1 - b0); });
+      const T* g = rows_product(k, packed, team, id, p.DR + (t * B + b0) * G, G, DR.select(0, t), b0, WT, buffer,
+                                ldh, product);
       const double t2 = seconds();
       const bool* mask_t = p.mask + t * B;
       for (int64_t b = b0; b < b1; ++b) {
@@ -494,7 +504,7 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
     }
     const double total = seconds() - start;
     backward_profile[id] = {matmul, elementwise - barrier_wait[id], total - matmul - elementwise + barrier_wait[id]};
-  })->team.size;
+  });
 
   BackwardResult result;
   result.h0 = dh;
@@ -506,11 +516,11 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   const Tensor DR2 = DR.view({S * B, G}), H2 = hs.narrow(0, 0, S).reshape({S * B, H});
   result.weight_hh = onednn_for(DR2) ? matmul_nt(H2.t(), DR2.t()).t().contiguous() : at::mm(DR2.t(), H2);
   backward_weight_gradient_seconds = seconds() - weight_start;
-  // The sum over the threads that ran of one of their vectors (given by `of`).
+  // The sum over the blocks, in block order, of one of their vectors (given by `of`).
   auto reduce = [&](auto of, int64_t size) {
     Tensor total = at::zeros({size}, opts);
     T* d = total.data_ptr<T>();
-    for (int64_t j = 0; j < team_size; ++j) {
+    for (size_t j = 0; j < accs.size(); ++j) {
       const std::vector<T>& v = of(accs[j]);
       for (int64_t i = 0; i < size; ++i) d[i] += v[i];
     }
@@ -619,6 +629,8 @@ void set_packed_gemm(bool enabled) { use_packed = enabled; }
 void set_barrier_spin(double seconds) { spin_seconds.store(seconds); }
 
 void set_team_fallback(bool enabled) { team_fallback.store(enabled); }
+
+void run_solo(int64_t calls) { solo_calls_left.store(calls); }
 
 bool onednn_available() { return onednn_linear().has_value(); }
 

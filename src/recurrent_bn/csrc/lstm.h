@@ -69,6 +69,8 @@ void set_onednn(bool enabled);
 void set_packed_gemm(bool enabled);
 void set_barrier_spin(double seconds);
 void set_team_fallback(bool enabled);
+// The next `calls` calls run on one thread, as after a call that mostly waited (tests of the fallback).
+void run_solo(int64_t calls);
 // [threads][matrix products, elementwise, barriers] of the last forward and backward, and the dW_h product.
 std::vector<std::vector<double>> last_profile();
 

@@ -46,10 +46,10 @@ RBN_INLINE void layer_stats(const Term<T>& term, const T* x, int64_t n, int64_t 
 }
 
 // Batch statistics of the columns of one or two (rows, n) blocks over the active rows of the whole batch, whose
-// rows are split among the team. Each thread computes the mean and the sum of squared deviations of its own rows
-// (two passes, as the reference), the team meets at one barrier, and every thread combines the parts (Chan et
-// al.'s pairwise formula: M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2). x1 / x2: this thread's rows, row
-// strides ld1 / ld2; x2 may be null. mask: the activity of all B rows at this timestep.
+// rows are split into the team's blocks. Each thread computes the mean and the sum of squared deviations of each
+// of its blocks (two passes, as the reference), the team meets at one barrier, and every thread combines the parts
+// in block order (Chan et al.'s pairwise formula: M2 = sum_k M2_k + sum_k n_k (mean_k - mean)^2). x1 / x2: this
+// thread's rows, row strides ld1 / ld2; x2 may be null. mask: the activity of all B rows at this timestep.
 template <typename T>
 RBN_INLINE void local_moments(const T* x, int64_t ld, int64_t rows, int64_t n, const bool* mask, T count, T* mean,
                               T* m2) {
@@ -76,7 +76,7 @@ template <typename T>
 RBN_INLINE void combine_moments(const Team<T>& team, int64_t t, int64_t slot, const T* counts, T total, int64_t n,
                                 T* mean, T* var) {
   const T denominator = total > T(0) ? total : T(1);
-  if (team.size == 1) {
+  if (team.blocks == 1) {
     const T* m = team.slot(t, slot, 0);
     const T* q = team.slot(t, slot + 1, 0);
 #pragma omp simd
@@ -88,7 +88,7 @@ RBN_INLINE void combine_moments(const Team<T>& team, int64_t t, int64_t slot, co
   }
   fill(mean, n, T(0));
   fill(var, n, T(0));
-  for (int64_t j = 0; j < team.size; ++j) {
+  for (int64_t j = 0; j < team.blocks; ++j) {
     const T* m = team.slot(t, slot, j);
     const T w = counts[j];
 #pragma omp simd
@@ -96,7 +96,7 @@ RBN_INLINE void combine_moments(const Team<T>& team, int64_t t, int64_t slot, co
   }
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) mean[k] /= denominator;
-  for (int64_t j = 0; j < team.size; ++j) {
+  for (int64_t j = 0; j < team.blocks; ++j) {
     const T* m = team.slot(t, slot, j);
     const T* q = team.slot(t, slot + 1, j);
     const T w = counts[j];
@@ -112,15 +112,19 @@ RBN_INLINE void team_column_stats(const Team<T>& team, int64_t id, int64_t t, in
                                   int64_t ld1, const T* x2, int64_t ld2, int64_t n, const bool* mask, T total,
                                   T* mean1, T* var1, T* mean2, T* var2) {
   T counts[kMaxTeam];
-  for (int64_t j = 0; j < team.size; ++j) {
+  for (int64_t j = 0; j < team.blocks; ++j) {
     int64_t c = 0;
     for (int64_t b = team.starts[j]; b < team.starts[j + 1]; ++b) c += is_active(mask, b);
     counts[j] = T(c);
   }
-  const int64_t b0 = team.starts[id], rows = team.starts[id + 1] - b0;
-  const bool* own_mask = mask + b0;
-  local_moments(x1, ld1, rows, n, own_mask, counts[id], team.slot(t, slot, id), team.slot(t, slot + 1, id));
-  if (x2) local_moments(x2, ld2, rows, n, own_mask, counts[id], team.slot(t, slot + 2, id), team.slot(t, slot + 3, id));
+  const bool* own_mask = mask + team.starts[team.first_block[id]];
+  team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+    local_moments(x1 + r0 * ld1, ld1, r1 - r0, n, own_mask + r0, counts[k], team.slot(t, slot, k),
+                  team.slot(t, slot + 1, k));
+    if (x2)
+      local_moments(x2 + r0 * ld2, ld2, r1 - r0, n, own_mask + r0, counts[k], team.slot(t, slot + 2, k),
+                    team.slot(t, slot + 3, k));
+  });
   team.barrier(id);
   combine_moments(team, t, slot, counts, total, n, mean1, var1);
   if (x2) combine_moments(team, t, slot + 2, counts, total, n, mean2, var2);
@@ -255,29 +259,35 @@ RBN_INLINE void batch_norm_sums(const T* g, const T* x, const T* x_mean, const T
   }
 }
 
-// Batch norm, the team's sums of timestep t: this thread's part in slots (slot, slot + 1), also added to the
-// term's dbeta and dgamma. The caller meets the team at the barrier, then calls batch_norm_means.
+// Batch norm, the team's sums of timestep t: the part of each of this thread's blocks in slots (slot, slot + 1).
+// The caller meets the team at the barrier, then calls batch_norm_means.
 template <typename T>
-RBN_INLINE void batch_norm_partial(const Team<T>& team, int64_t id, int64_t t, int64_t slot, TermSums<T>& sums,
-                                   const T* g, const T* x, const T* x_mean, const T* x_rstd, const bool* mask,
-                                   int64_t rows, int64_t n) {
-  T* s1 = team.slot(t, slot, id);
-  T* s2 = team.slot(t, slot + 1, id);
-  fill(s1, n, T(0));
-  fill(s2, n, T(0));
-  batch_norm_sums(g, x, x_mean, x_rstd, mask, rows, n, s1, s2);
-  for (int64_t k = 0; k < n; ++k) {
-    sums.dgamma[k] += s2[k];
-    sums.dbeta[k] += s1[k];
-  }
+RBN_INLINE void batch_norm_partial(const Team<T>& team, int64_t id, int64_t t, int64_t slot, const T* g, const T* x,
+                                   const T* x_mean, const T* x_rstd, const bool* mask, int64_t n) {
+  team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+    T* s1 = team.slot(t, slot, k);
+    T* s2 = team.slot(t, slot + 1, k);
+    fill(s1, n, T(0));
+    fill(s2, n, T(0));
+    batch_norm_sums(g + r0 * n, x + r0 * n, x_mean, x_rstd, mask + r0, r1 - r0, n, s1, s2);
+  });
 }
 
-// Batch norm, after the barrier: m1 = mean(g), m2 = mean(g * xhat) over the count active rows of the batch.
+// Batch norm, after the barrier: m1 = mean(g), m2 = mean(g * xhat) over the count active rows of the batch. The
+// sums over the whole batch are also the term's dbeta and dgamma of this timestep: thread 0 adds them to its
+// (block 0's) sums, so that they do not depend on how the blocks were shared among threads.
 template <typename T>
-RBN_INLINE void batch_norm_means(const Team<T>& team, int64_t t, int64_t slot, int64_t n, T count, T* m1, T* m2) {
+RBN_INLINE void batch_norm_means(const Team<T>& team, int64_t id, int64_t t, int64_t slot, TermSums<T>& sums,
+                                 int64_t n, T count, T* m1, T* m2) {
   const T active = count > T(0) ? count : T(1);
   combine(team, t, slot, n, m1);
   combine(team, t, slot + 1, n, m2);
+  if (id == 0) {
+    for (int64_t k = 0; k < n; ++k) {
+      sums.dgamma[k] += m2[k];
+      sums.dbeta[k] += m1[k];
+    }
+  }
   for (int64_t k = 0; k < n; ++k) {
     m1[k] /= active;
     m2[k] /= active;

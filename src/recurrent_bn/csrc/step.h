@@ -211,10 +211,11 @@ RBN_INLINE void forward_step(const Problem<T>& p, const Team<T>& team, int64_t i
 // ---------------------------------------------------------------------------------------------------------------
 // Backward: one timestep of one thread's rows [b0, b1). Reads dh / dc (gradients of h_t, c_t) of these rows,
 // writes dc <- gradient of c_{t-1}, and DR[t], dP[t] of these rows; the caller then sets dh from DR[t] W_h.
+// Parameter-gradient sums go to accs[k] for the rows of block k, so that they do not depend on the threads.
 
 template <typename T>
 RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t id, int64_t t, int64_t b0,
-                              int64_t b1, Scratch<T>& s, Accumulators<T>& acc) {
+                              int64_t b1, Scratch<T>& s, Accumulators<T>* accs) {
   const int64_t B = p.batch, H = p.hidden, G = 4 * H, rows = b1 - b0;
   const bool* mask = p.mask + t * B + b0;  // indexed by row - b0
   const T count = p.count[t];
@@ -255,17 +256,20 @@ RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t 
   // 2. Through the cell normalization: dy <- gradient of the candidate cell (the normalized cell CH is kept; the
   // affine map reads the candidate cell, which is c_t wherever dy is not zero).
   if (cell.kind == kBatch) {
-    batch_norm_partial(team, id, t, 0, acc.cell, dy, CH_t, static_cast<const T*>(nullptr),
-                       static_cast<const T*>(nullptr), mask, rows, H);
+    batch_norm_partial(team, id, t, 0, dy, CH_t, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                       mask, H);
     team.barrier(id);
-    batch_norm_means(team, t, 0, H, count, s.s1c.data(), s.s2c.data());
+    batch_norm_means(team, id, t, 0, accs[0].cell, H, count, s.s1c.data(), s.s2c.data());
     batch_norm_coefficients(cell, t, s.rc.data());
     for (int64_t r = 0; r < rows; ++r)
       batch_norm_backward_row(dy + r * H, CH_t + r * H, static_cast<const T*>(nullptr),
                               static_cast<const T*>(nullptr), s.rc.data(), s.s1c.data(), s.s2c.data(),
                               is_active(mask, r), H, dy + r * H);
   } else {
-    rowwise_backward(cell, acc.cell, t, B, b0, rows, dy, cell.kind == kLayer ? CH_t : c_now, true, dy);
+    const T* x = cell.kind == kLayer ? CH_t : c_now;
+    team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+      rowwise_backward(cell, accs[k].cell, t, B, b0 + r0, r1 - r0, dy + r0 * H, x + r0 * H, true, dy + r0 * H);
+    });
   }
   // 3. Through c_t = sigma(f) c_{t-1} + sigma(i) tanh(g), and the carried states of padded steps.
   for (int64_t r = 0; r < rows; ++r) {
@@ -288,12 +292,14 @@ RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t 
   // 4. The bias, and the batch-norm sums of the input and recurrent terms (one barrier for both). With statistics
   // shared over time the input's sums are only accumulated here: its dP is finished after the loop.
   if (p.bias) {
-    T* d = acc.dbias.data();
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* g = dg + r * G;
+    team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+      T* d = accs[k].dbias.data();
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* g = dg + r * G;
 #pragma omp simd
-      for (int64_t k = 0; k < G; ++k) d[k] += g[k];
-    }
+        for (int64_t j = 0; j < G; ++j) d[j] += g[j];
+      }
+    });
   }
   if (in.kind == kBatch) {
     for (int64_t k = 0; k < G; ++k) {
@@ -301,17 +307,20 @@ RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t 
       s.rx[k] = Math<T>::rsqrt(in.var[t * G + k] + in.eps);
       s.ax[k] = in.gamma[k] * s.rx[k];
     }
-    batch_norm_partial(team, id, t, 2, acc.in, dg, Pt, s.mx.data(), s.rx.data(), mask, rows, G);
+    batch_norm_partial(team, id, t, 2, dg, Pt, s.mx.data(), s.rx.data(), mask, G);
   } else if (in.kind == kShared) {
-    batch_norm_sums(dg, Pt, s.mx.data(), s.rx.data(), mask, rows, G, acc.in.dbeta.data(), acc.in.dgamma.data());
+    team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+      batch_norm_sums(dg + r0 * G, Pt + r0 * G, s.mx.data(), s.rx.data(), mask + r0, r1 - r0, G,
+                      accs[k].in.dbeta.data(), accs[k].in.dgamma.data());
+    });
   }
   if (hh.kind == kBatch)
-    batch_norm_partial(team, id, t, 4, acc.hh, dg, RH_t, static_cast<const T*>(nullptr),
-                       static_cast<const T*>(nullptr), mask, rows, G);
+    batch_norm_partial(team, id, t, 4, dg, RH_t, static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                       mask, G);
   if (in.kind == kBatch || hh.kind == kBatch) team.barrier(id);
-  if (in.kind == kBatch) batch_norm_means(team, t, 2, G, count, s.s1x.data(), s.s2x.data());
+  if (in.kind == kBatch) batch_norm_means(team, id, t, 2, accs[0].in, G, count, s.s1x.data(), s.s2x.data());
   if (hh.kind == kBatch) {
-    batch_norm_means(team, t, 4, G, count, s.s1r.data(), s.s2r.data());
+    batch_norm_means(team, id, t, 4, accs[0].hh, G, count, s.s1r.data(), s.s2r.data());
     batch_norm_coefficients(hh, t, s.rr.data());
   }
   // 5. The input term: dP[t].
@@ -320,7 +329,9 @@ RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t 
       batch_norm_backward_row(dg + r * G, Pt + r * G, s.mx.data(), s.rx.data(), s.ax.data(), s.s1x.data(),
                               s.s2x.data(), is_active(mask, r), G, dPt + r * G);
   } else if (in.kind == kLayer || in.kind == kAffine) {
-    rowwise_backward(in, acc.in, t, B, b0, rows, dg, Pt, false, dPt);
+    team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+      rowwise_backward(in, accs[k].in, t, B, b0 + r0, r1 - r0, dg + r0 * G, Pt + r0 * G, false, dPt + r0 * G);
+    });
   } else {
     std::copy(dg, dg + rows * G, dPt);
   }
@@ -331,7 +342,9 @@ RBN_INLINE void backward_step(const Problem<T>& p, const Team<T>& team, int64_t 
                               static_cast<const T*>(nullptr), s.rr.data(), s.s1r.data(), s.s2r.data(),
                               is_active(mask, r), G, DRt + r * G);
   } else if (hh.kind == kLayer || hh.kind == kAffine) {
-    rowwise_backward(hh, acc.hh, t, B, b0, rows, dg, RH_t, true, DRt);
+    team.for_each_block(id, [&](int64_t k, int64_t r0, int64_t r1) {
+      rowwise_backward(hh, accs[k].hh, t, B, b0 + r0, r1 - r0, dg + r0 * G, RH_t + r0 * G, true, DRt + r0 * G);
+    });
   } else {
     std::copy(dg, dg + rows * G, DRt);
   }

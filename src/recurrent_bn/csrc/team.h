@@ -54,14 +54,20 @@ struct TeamBarrier {
   }
 };
 
-// The threads of one call and the buffers through which they exchange column sums: `slots` arrays of
-// (threads, width) each, twice (alternating timesteps, so that a fast thread never overwrites sums a slow one
-// is still reading).
+// The threads of one call and the buffers through which they exchange column sums. The rows are cut into `blocks`
+// fixed by the number of threads asked for, not by the number that runs: each block keeps its own partial sums, in
+// `slots` arrays of (blocks, width) each, twice (alternating timesteps, so that a fast thread never overwrites sums
+// a slow one is still reading), and the sums are combined in block order. A thread runs one block, or several
+// consecutive ones when fewer threads run than were asked for (the fallback below, OMP_THREAD_LIMIT), and the
+// numbers are the same bits either way: only the number of threads asked for, and the data, decide them.
 template <typename T>
 struct Team {
-  int64_t size = 1, width = 0;
+  int64_t size = 1;                      // threads (they meet at the barrier)
+  int64_t blocks = 1;                    // blocks of rows, each with its own partial sums
+  int64_t width = 0;
   T* buffer = nullptr;
-  const int64_t* starts = nullptr;  // (size + 1) first row of each thread
+  const int64_t* starts = nullptr;       // (blocks + 1) first row of each block
+  const int64_t* first_block = nullptr;  // (size + 1) first block of each thread
   TeamBarrier* sync = nullptr;
 
   RBN_INLINE void barrier(int64_t id) const {
@@ -70,16 +76,22 @@ struct Team {
     sync->wait();
     barrier_wait[id] += seconds() - start;
   }
-  RBN_INLINE T* slot(int64_t t, int64_t index, int64_t thread) const {
-    return buffer + (((t & 1) * 8 + index) * size + thread) * width;
+  RBN_INLINE T* slot(int64_t t, int64_t index, int64_t block) const {
+    return buffer + (((t & 1) * 8 + index) * blocks + block) * width;
+  }
+  // body(block, r0, r1) for each block of thread `id`, rows [r0, r1) relative to the thread's first row.
+  template <typename Body>
+  RBN_INLINE void for_each_block(int64_t id, const Body& body) const {
+    const int64_t b0 = starts[first_block[id]];
+    for (int64_t k = first_block[id]; k < first_block[id + 1]; ++k) body(k, starts[k] - b0, starts[k + 1] - b0);
   }
 };
 
-// out = sum over the threads of their partial sums (slot of timestep t).
+// out = sum over the blocks of their partial sums (slot of timestep t), in block order.
 template <typename T>
 RBN_INLINE void combine(const Team<T>& team, int64_t t, int64_t index, int64_t n, T* out) {
   fill(out, n, T(0));
-  for (int64_t k = 0; k < team.size; ++k) {
+  for (int64_t k = 0; k < team.blocks; ++k) {
     const T* part = team.slot(t, index, k);
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) out[j] += part[j];
@@ -87,7 +99,7 @@ RBN_INLINE void combine(const Team<T>& team, int64_t t, int64_t index, int64_t n
 }
 
 
-// Rows [b0, b1) of each thread: contiguous blocks of examples.
+// Rows [b0, b1) of each of `threads` parts: contiguous blocks of examples.
 inline std::vector<std::pair<int64_t, int64_t>> split_rows(int64_t threads, int64_t B) {
   const int64_t n = std::max<int64_t>(1, std::min({threads, B, kMaxTeam}));
   std::vector<std::pair<int64_t, int64_t>> parts;
@@ -96,23 +108,29 @@ inline std::vector<std::pair<int64_t, int64_t>> split_rows(int64_t threads, int6
 }
 
 // A team over the rows of a batch together with the storage its `Team` points into (so it is neither copied nor
-// moved): the row split, the exchange buffers (16 slots of (threads, width)) and the barrier.
+// moved): the blocks (split for the `asked` threads), the rows of each of the `size` threads that run (whole
+// blocks), the exchange buffers (16 slots of (blocks, width)) and the barrier.
 template <typename T>
 struct TeamOverRows {
-  std::vector<std::pair<int64_t, int64_t>> parts;
+  std::vector<std::pair<int64_t, int64_t>> parts;  // rows of each thread
   std::vector<T> exchange;
-  std::vector<int64_t> starts;
+  std::vector<int64_t> starts, first_block;
   TeamBarrier sync;
   Team<T> team;
 
-  TeamOverRows(int64_t threads, int64_t B, int64_t width) : parts(split_rows(threads, B)) {
-    team.size = static_cast<int64_t>(parts.size());
+  TeamOverRows(int64_t asked, int64_t size, int64_t B, int64_t width) {
+    const auto blocks = split_rows(asked, B);
+    team.blocks = static_cast<int64_t>(blocks.size());
+    team.size = std::max<int64_t>(1, std::min(size, team.blocks));
     team.width = width;
-    exchange.assign(16 * team.size * width, T(0));
-    team.buffer = exchange.data();
-    for (const auto& part : parts) starts.push_back(part.first);
+    for (const auto& block : blocks) starts.push_back(block.first);
     starts.push_back(B);
+    for (int64_t id = 0; id <= team.size; ++id) first_block.push_back(team.blocks * id / team.size);
+    for (int64_t id = 0; id < team.size; ++id) parts.emplace_back(starts[first_block[id]], starts[first_block[id + 1]]);
+    exchange.assign(16 * team.blocks * width, T(0));
+    team.buffer = exchange.data();
     team.starts = starts.data();
+    team.first_block = first_block.data();
     sync.size = team.size;
     team.sync = &sync;
   }
@@ -125,7 +143,7 @@ struct TeamOverRows {
 // core; every thread of a parallel sweep asks for all of them). A barrier cannot fix that: a waiter that spins
 // holds a core, one that sleeps waits for the scheduler to give one back, thousands of times per sequence. So the
 // next calls run on one thread, for a number of calls that doubles while it recurs (4 up to 256), and then the team
-// is tried again. Results then differ from the team's in rounding only (the batch statistics are summed per thread).
+// is tried again. The numbers do not change: the one thread runs every block of the team, with the team's sums.
 inline std::atomic<bool> team_fallback{true};
 inline std::atomic<int64_t> solo_calls_left{0}, solo_calls_next{4};
 
@@ -152,12 +170,12 @@ inline void record_team(int64_t size, double elapsed) {
 // Runs body(rows, id) on every thread of an OpenMP team over the B rows, for as many threads as asked where the
 // runtime gives them. It may give fewer (OMP_THREAD_LIMIT, a call from inside another parallel region,
 // omp_set_dynamic): a team split for more threads than it has would leave rows unwritten and its barrier waiting
-// forever. Then no thread starts, and the team is split again for the size obtained, down to one thread, which
-// every runtime gives. Returns the team that ran, for its size and split.
+// forever. Then no thread starts, and the same blocks are shared again among the threads obtained, down to one,
+// which every runtime gives. Returns the team that ran, for its size and split.
 template <typename T, typename Body>
 std::unique_ptr<TeamOverRows<T>> run_team(int64_t threads, int64_t B, int64_t width, const Body& body) {
   for (int64_t size = team_threads(threads);;) {
-    auto rows = std::make_unique<TeamOverRows<T>>(size, B, width);
+    auto rows = std::make_unique<TeamOverRows<T>>(threads, size, B, width);
     size = rows->team.size;
     std::atomic<int64_t> obtained{size};
     const double start = seconds();
