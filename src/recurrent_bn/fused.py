@@ -132,7 +132,7 @@ def threads_for(batch: int, hidden: int) -> int:
 
 
 def _term(module: nn.Module | None, steps: int, start_step: int, input_term: bool):
-    """(kind code, eps, [gamma, beta, scale, shift]) of one term (`norm.loop_term`)."""
+    """(kind code, eps, [gamma, beta, scale, mean]) of one term (`norm.loop_term`)."""
     kind, eps, tensors = loop_term(module, steps, start_step, input_term)
     return KINDS[kind], eps, tensors
 
@@ -145,9 +145,34 @@ def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
     return [_empty(like) if t is None else t.detach() for t in tensors]
 
 
+def _folded(kinds: list[int], term_tensors) -> list[Tensor | None]:
+    """The term tensors as the C++ kernels take them: an affine map `(x - mean) * scale + beta` folded into
+    `x * scale + shift` with `shift = beta - mean * scale` (gamma, beta, scale, shift; the kernels' `TermSpec`)."""
+    tensors = list(term_tensors)
+    for k, kind in enumerate(kinds):
+        if kind == AFFINE:
+            _, beta, scale, mean = tensors[4 * k : 4 * k + 4]
+            shift = -mean * scale
+            tensors[4 * k : 4 * k + 4] = [None, None, scale, shift if beta is None else shift + beta]
+    return tensors
+
+
+def _unfolded_grads(kinds: list[int], term_tensors, grads: list[Tensor | None]) -> list[Tensor | None]:
+    """The kernels' gradients of (gamma, beta, scale, shift) as gradients of `loop_term`'s (gamma, beta, scale,
+    mean): through `shift = beta - mean * scale` where a map was folded (`_folded`)."""
+    grads = list(grads)
+    for k, kind in enumerate(kinds):
+        if kind == AFFINE:
+            _, beta, scale, mean = term_tensors[4 * k : 4 * k + 4]
+            d_scale, d_shift = grads[4 * k + 2], grads[4 * k + 3]
+            grads[4 * k : 4 * k + 4] = [None, None if beta is None else d_shift.sum(0), d_scale - mean * d_shift,
+                                        -scale * d_shift]
+    return grads
+
+
 def _specs(kinds: list[int], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
     """The three terms as the extension's `TermSpec`s, by name (input, recurrent, cell)."""
-    tensors = _or_empty(list(term_tensors), like)
+    tensors = _or_empty(_folded(kinds, term_tensors), like)
     return {name: _extension.TermSpec(kinds[i], eps[i], *tensors[4 * i : 4 * i + 4])
             for i, name in enumerate(TERMS)}
 
@@ -162,7 +187,7 @@ class FusedLSTMFunction(torch.autograd.Function):
 
     Inputs: `config` (a dict: kinds, eps, threads; the forward stores the batch statistics in it), x (T, B, I),
     W_x (4H, I), h0, c0 (B, H), W_h (4H, H), the bias (4H) or None, the mask (T, B) or None, then for each term
-    (input, recurrent, cell) gamma, beta, scale, shift (None where absent).
+    (input, recurrent, cell) gamma, beta, scale, mean (`norm.loop_term`; None where absent).
     """
 
     @staticmethod
@@ -189,6 +214,7 @@ class FusedLSTMFunction(torch.autograd.Function):
             threads=ctx.config["threads"], need_dx=ctx.needs_input_grad[1], **ctx.specs,
         )
         term_grads = [getattr(getattr(grads, name), part) for name in TERMS for part in TERM_TENSORS]
+        term_grads = _unfolded_grads(ctx.config["kinds"], term_tensors, term_grads)
         term_grads = [grad if term_tensors[k] is not None and ctx.needs_input_grad[8 + k] else None
                       for k, grad in enumerate(term_grads)]
         return (None, grads.x if ctx.needs_input_grad[1] else None, grads.weight_ih, grads.h0, grads.c0,

@@ -130,13 +130,12 @@ class RecurrentBatchNorm(nn.Module):
         index = self.slot_index(start_step, steps)
         return self.running_mean[index], self.running_var[index]
 
-    def affine(self, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-        """Scale and shift such that `x * scale + shift` is this normalization with the given statistics."""
-        scale = self.weight * torch.rsqrt(var + self.eps)
-        shift = -mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias
-        return scale, shift
+    def scale(self, var: Tensor) -> Tensor:
+        """`gamma / sqrt(var + eps)`: this normalization with fixed statistics is `(x - mean) * scale + beta`.
+
+        Never folded into `x * scale + (beta - mean * scale)`: when |mean| >> std that sum cancels, and float32
+        keeps only a few digits of the result (the second layer's cell term in evaluation lost 3 of 7)."""
+        return self.weight * torch.rsqrt(var + self.eps)
 
     def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """`gamma * (x - mean) / sqrt(var + eps) + beta` with statistics broadcast against x."""
@@ -250,23 +249,24 @@ class RecurrentLayerNorm(nn.Module):
 def loop_term(module: nn.Module | None, steps: int, start_step: int = 0, input_term: bool = False
               ) -> tuple[str, float, list[Tensor | None]]:
     """How one term's normalization enters a compiled loop over time (the C++ and the Triton kernels): its kind
-    ("none", "layer", "batch", "shared" or "affine"), eps, and [gamma, beta, scale, shift] with None where absent.
+    ("none", "layer", "batch", "shared" or "affine"), eps, and [gamma, beta, scale, mean] with None where absent.
 
-    In evaluation a batch norm is its population statistics folded into a per-timestep affine map, and the cell's
-    `x + beta` is that map with scale 1. In training the statistics are per timestep; only an input term (the
-    projection, normalized before the loop's recurrence) of `share_statistics_over_time` pools them over time
-    ("shared"), as `RecurrentBatchNorm.forward` does; inside the loop only the population slots are shared."""
+    In evaluation a batch norm is a per-timestep affine map `(x - mean_t) * scale_t + beta` with its population
+    statistics (`RecurrentBatchNorm.scale`), and the cell's `x + beta` is that map with mean 0 and scale 1. In
+    training the statistics are per timestep; only an input term (the projection, normalized before the loop's
+    recurrence) of `share_statistics_over_time` pools them over time ("shared"), as `RecurrentBatchNorm.forward`
+    does; inside the loop only the population slots are shared."""
     if module is None:
         return "none", 0.0, [None] * 4
     if isinstance(module, RecurrentLayerNorm):
         return "layer", module.eps, [module.weight, module.bias, None, None]
     if isinstance(module, CellShift):
-        shift = module.bias.expand(steps, -1).contiguous()
-        return "affine", 0.0, [None, None, torch.ones_like(shift), shift]
+        mean = module.bias.new_zeros(steps, module.num_features)
+        return "affine", 0.0, [None, module.bias, torch.ones_like(mean), mean]
     if not isinstance(module, RecurrentBatchNorm):
         raise TypeError(f"unsupported normalization module {type(module).__name__}")
     if not module.training:
-        scale, shift = module.affine(*module.population_statistics(start_step, steps))
-        return "affine", 0.0, [None, None, scale.contiguous(), shift.contiguous()]
+        mean, var = module.population_statistics(start_step, steps)
+        return "affine", 0.0, [None, module.bias, module.scale(var).contiguous(), mean.contiguous()]
     kind = "shared" if input_term and module.share_statistics_over_time else "batch"
     return kind, module.eps, [module.weight, module.bias, None, None]

@@ -64,7 +64,7 @@ class StepNorm:
     - batch norm in training: the minibatch statistics of each timestep, remembered so that the population
       statistics can be updated once after the loop;
     - batch norm in evaluation: the population statistics, which make the normalization an affine map per
-      timestep, `x * scale_t + shift_t`, computed once for the whole sequence.
+      timestep, `(x - mean_t) * scale_t + beta` with the scales computed once for the whole sequence.
     """
 
     def __init__(self, module: nn.Module | None, steps: int, mask: Tensor | None, start_step: int) -> None:
@@ -84,8 +84,8 @@ class StepNorm:
             self.kind = "affine"
             # unbind, not indexing in the loop: the backward of x[t] allocates a zero tensor of x's full size per
             # step (quadratic in T); unbind's backward stacks the per-step gradients once.
-            scale, shift = module.affine(*module.population_statistics(start_step, steps))
-            self.scale, self.shift = scale.unbind(0), shift.unbind(0)
+            mean, var = module.population_statistics(start_step, steps)
+            self.mean, self.scale = mean.unbind(0), module.scale(var).unbind(0)
         else:
             raise TypeError(f"unsupported normalization module {type(module).__name__}")
 
@@ -95,7 +95,8 @@ class StepNorm:
         if self.kind == "layer":
             return self.module(x)
         if self.kind == "affine":
-            return torch.addcmul(self.shift[step], x, self.scale[step])
+            y = (x - self.mean[step]) * self.scale[step]
+            return y if self.module.bias is None else y + self.module.bias
         mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
         self.means.append(mean.detach())
         self.variances.append(var.detach())

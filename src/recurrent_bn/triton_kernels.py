@@ -8,8 +8,9 @@ Per timestep t, with r = W_h h_{t-1} (B, 4H) already computed by one matrix prod
   gates = x_t + N_r(r);  c_new = σ(f) c + σ(i) tanh(g);  h_new = σ(o) tanh(N_c(c_new));
   carried states where(active, new, old), output h_new * active.
 Term kinds (the same numbers as `triton_lstm.NONE, BATCH, AFFINE, LAYER`): 0 none, 1 batch statistics of the active
-rows of this step, 2 a per-timestep affine map (evaluation with population statistics, or the baseline's cell shift),
-3 layer norm per row.
+rows of this step, 2 a per-timestep affine map `(x - mean_t) * scale_t + β` (evaluation with population statistics,
+or the baseline's cell shift; never folded into `x * scale + shift`, which cancels when |mean| >> std), 3 layer norm
+per row.
 
 Two layouts, so that every statistic stays inside one program:
   - "columns" (kinds 0, 1, 2): a program owns BLOCK_H hidden units of all four gates and the whole batch, so the
@@ -39,10 +40,23 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _expm1_negative(u):
+    # exp(u) - 1 for u <= 0 to a few ulps, also where exp(u) is close to 1 (Kahan: (w - 1) u / log w, w = exp(u)):
+    # exp(u) - 1 itself keeps only an absolute error of one ulp of 1 there.
+    w = tl.exp(u)
+    inside = (w > 0.0) & (w < 1.0)
+    ratio = (w - 1.0) * u / tl.log(tl.where(inside, w, 0.5))  # log of 0.5 where unused: no log(0) or 0 / 0
+    return tl.where(w >= 1.0, u, tl.where(inside, ratio, -1.0))
+
+
+@triton.jit
 def _tanh(x):
-    # tanh through the sigmoid: triton.language has no tanh that both the interpreter and the compiler take in
-    # float32 and float64.
-    return 2.0 * _sigmoid(2.0 * x) - 1.0
+    # tanh(|x|) = -e / (2 + e) with e = expm1(-2|x|): triton.language has no tanh that both the interpreter and the
+    # compiler take in float32 and float64, and 2 sigmoid(2x) - 1 has an absolute error of one ulp of 1, which made
+    # small activations (|h| ~ 1e-5) 1e4 times less accurate than the reference loop's float32.
+    e = _expm1_negative(-2.0 * tl.abs(x))
+    magnitude = -e / (2.0 + e)
+    return tl.where(x >= 0, magnitude, -magnitude)
 
 
 @triton.jit
@@ -56,7 +70,7 @@ def _column_stats(x, w, count):
 
 @triton.jit
 def _column_gate_forward(
-    k, t, B, H, r_ptr, x_ptr, gates_ptr, rs_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr, mean_ptr, var_ptr, eps,
+    k, t, B, H, r_ptr, x_ptr, gates_ptr, rs_ptr, gamma_ptr, beta_ptr, scale_ptr, center_ptr, mean_ptr, var_ptr, eps,
     rows, cols, tile_ok, col_ok, w, count, KIND: tl.constexpr, HAS_BETA: tl.constexpr,
 ):
     G = 4 * H
@@ -76,7 +90,9 @@ def _column_gate_forward(
     elif KIND == 2:
         tl.store(rs_ptr + step + offs, r, mask=tile_ok)
         scale = tl.load(scale_ptr + t * G + feat, mask=col_ok, other=0.0)
-        term = r * scale[None, :] + tl.load(shift_ptr + t * G + feat, mask=col_ok, other=0.0)[None, :]
+        term = (r - tl.load(center_ptr + t * G + feat, mask=col_ok, other=0.0)[None, :]) * scale[None, :]
+        if HAS_BETA:
+            term = term + tl.load(beta_ptr + feat, mask=col_ok, other=0.0)[None, :]
     else:
         term = r
     pre = tl.load(x_ptr + step + offs, mask=tile_ok, other=0.0) + term
@@ -88,8 +104,8 @@ def _column_gate_forward(
 def lstm_step_forward_columns(
     t, B, H,
     r_ptr, x_ptr, h_ptr, c_ptr, out_ptr, gates_ptr, rs_ptr, cs_ptr, mask_ptr,
-    gr_ptr, br_ptr, sr_ptr, hr_ptr, rmean_ptr, rvar_ptr,
-    gc_ptr, bc_ptr, sc_ptr, hc_ptr, cmean_ptr, cvar_ptr, eps_ptr,
+    gr_ptr, br_ptr, sr_ptr, mr_ptr, rmean_ptr, rvar_ptr,
+    gc_ptr, bc_ptr, sc_ptr, mc_ptr, cmean_ptr, cvar_ptr, eps_ptr,
     KR: tl.constexpr, KC: tl.constexpr, HAS_BETA_R: tl.constexpr, HAS_BETA_C: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -97,7 +113,8 @@ def lstm_step_forward_columns(
 
     Reads r (B, 4H), x[t], h[t], c[t], mask[t]; writes h[t + 1], c[t + 1], out[t], and for the backward gates[t]
     (pre-activations), rs[t] (r normalized without γ, or r for kind 2), cs[t] (c_new normalized without γ, or
-    c_new), and the batch statistics (T, F) of kind-1 terms.
+    c_new), and the batch statistics (T, F) of kind-1 terms. g, b, s, m: a term's γ, β, and for kind 2 its
+    per-timestep scale and mean (`norm.loop_term`).
     """
     pid = tl.program_id(0)
     rows = tl.arange(0, BLOCK_B)
@@ -109,7 +126,7 @@ def lstm_step_forward_columns(
     count = tl.maximum(tl.sum(w, axis=0), 1.0)
     eps_r = tl.load(eps_ptr)
     eps_c = tl.load(eps_ptr + 1)
-    args = (t, B, H, r_ptr, x_ptr, gates_ptr, rs_ptr, gr_ptr, br_ptr, sr_ptr, hr_ptr, rmean_ptr, rvar_ptr, eps_r,
+    args = (t, B, H, r_ptr, x_ptr, gates_ptr, rs_ptr, gr_ptr, br_ptr, sr_ptr, mr_ptr, rmean_ptr, rvar_ptr, eps_r,
             rows, cols, tile_ok, col_ok, w, count)
     gate_i = _sigmoid(_column_gate_forward(0, *args, KR, HAS_BETA_R))
     gate_f = _sigmoid(_column_gate_forward(1, *args, KR, HAS_BETA_R))
@@ -131,7 +148,9 @@ def lstm_step_forward_columns(
     elif KC == 2:
         tl.store(cs_ptr + state + hoffs, c_new, mask=tile_ok)
         scale = tl.load(sc_ptr + t * H + cols, mask=col_ok, other=0.0)
-        cell = c_new * scale[None, :] + tl.load(hc_ptr + t * H + cols, mask=col_ok, other=0.0)[None, :]
+        cell = (c_new - tl.load(mc_ptr + t * H + cols, mask=col_ok, other=0.0)[None, :]) * scale[None, :]
+        if HAS_BETA_C:
+            cell = cell + tl.load(bc_ptr + cols, mask=col_ok, other=0.0)[None, :]
     else:
         tl.store(cs_ptr + state + hoffs, c_new, mask=tile_ok)
         cell = c_new
@@ -172,7 +191,7 @@ def lstm_step_backward_columns(
     t, B, H,
     dh_ptr, dout_ptr, dc_in_ptr, dc_out_ptr, keep_ptr,
     gates_ptr, rs_ptr, cs_ptr, c_ptr, mask_ptr, dgates_ptr, dr_ptr, dyc_ptr,
-    gr_ptr, sr_ptr, rvar_ptr, gc_ptr, bc_ptr, sc_ptr, hc_ptr, cvar_ptr, eps_ptr,
+    gr_ptr, sr_ptr, rvar_ptr, gc_ptr, bc_ptr, sc_ptr, mc_ptr, cvar_ptr, eps_ptr,
     KR: tl.constexpr, KC: tl.constexpr, HAS_BETA_C: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One backward timestep in the columns layout.
@@ -212,7 +231,9 @@ def lstm_step_backward_columns(
             cell = cell + tl.load(bc_ptr + cols, mask=col_ok, other=0.0)[None, :]
     elif KC == 2:
         scale_c = tl.load(sc_ptr + t * H + cols, mask=col_ok, other=0.0)[None, :]
-        cell = cs * scale_c + tl.load(hc_ptr + t * H + cols, mask=col_ok, other=0.0)[None, :]
+        cell = (cs - tl.load(mc_ptr + t * H + cols, mask=col_ok, other=0.0)[None, :]) * scale_c
+        if HAS_BETA_C:
+            cell = cell + tl.load(bc_ptr + cols, mask=col_ok, other=0.0)[None, :]
     else:
         cell = cs
     tanh_cell = _tanh(cell)
@@ -241,7 +262,7 @@ def lstm_step_backward_columns(
 
 @triton.jit
 def _row_gate_forward(
-    k, t, b, B, H, j, ok, r_ptr, x_ptr, gates_ptr, rs_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr, mean, rstd,
+    k, t, b, B, H, j, ok, r_ptr, x_ptr, gates_ptr, rs_ptr, gamma_ptr, beta_ptr, scale_ptr, center_ptr, mean, rstd,
     KIND: tl.constexpr, HAS_BETA: tl.constexpr,
 ):
     G = 4 * H
@@ -256,8 +277,10 @@ def _row_gate_forward(
             term = term + tl.load(beta_ptr + feat, mask=ok, other=0.0)
     elif KIND == 2:
         tl.store(rs_ptr + offs, r, mask=ok)
-        term = r * tl.load(scale_ptr + t * G + feat, mask=ok, other=0.0) + tl.load(shift_ptr + t * G + feat, mask=ok,
-                                                                                  other=0.0)
+        term = (r - tl.load(center_ptr + t * G + feat, mask=ok, other=0.0)) * tl.load(scale_ptr + t * G + feat,
+                                                                                      mask=ok, other=0.0)
+        if HAS_BETA:
+            term = term + tl.load(beta_ptr + feat, mask=ok, other=0.0)
     else:
         term = r
     pre = tl.load(x_ptr + offs, mask=ok, other=0.0) + term
@@ -284,8 +307,8 @@ def _row_stats(ptr, n, lane, BLOCK: tl.constexpr):
 def lstm_step_forward_rows(
     t, B, H,
     r_ptr, x_ptr, h_ptr, c_ptr, out_ptr, gates_ptr, rs_ptr, cs_ptr, mask_ptr,
-    gr_ptr, br_ptr, sr_ptr, hr_ptr, rmean_ptr, rvar_ptr,
-    gc_ptr, bc_ptr, sc_ptr, hc_ptr, cmean_ptr, cvar_ptr, eps_ptr,
+    gr_ptr, br_ptr, sr_ptr, mr_ptr, rmean_ptr, rvar_ptr,
+    gc_ptr, bc_ptr, sc_ptr, mc_ptr, cmean_ptr, cvar_ptr, eps_ptr,
     KR: tl.constexpr, KC: tl.constexpr, HAS_BETA_R: tl.constexpr, HAS_BETA_C: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -311,7 +334,7 @@ def lstm_step_forward_rows(
     for start in range(0, H, BLOCK_H):
         j = start + lane
         ok = j < H
-        args = (t, b, B, H, j, ok, r_ptr, x_ptr, gates_ptr, rs_ptr, gr_ptr, br_ptr, sr_ptr, hr_ptr, mean_r, rstd_r)
+        args = (t, b, B, H, j, ok, r_ptr, x_ptr, gates_ptr, rs_ptr, gr_ptr, br_ptr, sr_ptr, mr_ptr, mean_r, rstd_r)
         gate_i = _sigmoid(_row_gate_forward(0, *args, KR, HAS_BETA_R))
         gate_f = _sigmoid(_row_gate_forward(1, *args, KR, HAS_BETA_R))
         gate_g = _tanh(_row_gate_forward(2, *args, KR, HAS_BETA_R))
@@ -322,8 +345,10 @@ def lstm_step_forward_rows(
         if KC != 3:
             tl.store(cs_ptr + state + j, c_new, mask=ok)
             if KC == 2:
-                cell = c_new * tl.load(sc_ptr + t * H + j, mask=ok, other=0.0) + tl.load(hc_ptr + t * H + j, mask=ok,
-                                                                                        other=0.0)
+                cell = (c_new - tl.load(mc_ptr + t * H + j, mask=ok, other=0.0)) * tl.load(sc_ptr + t * H + j, mask=ok,
+                                                                                           other=0.0)
+                if HAS_BETA_C:
+                    cell = cell + tl.load(bc_ptr + j, mask=ok, other=0.0)
             else:
                 cell = c_new
             h_new = gate_o * _tanh(cell)
@@ -354,7 +379,7 @@ def lstm_step_forward_rows(
 
 @triton.jit
 def _row_cell_gradient(
-    t, b, B, H, j, ok, a, dh_ptr, dout_ptr, gates_ptr, cs_ptr, gc_ptr, bc_ptr, sc_ptr, hc_ptr,
+    t, b, B, H, j, ok, a, dh_ptr, dout_ptr, gates_ptr, cs_ptr, gc_ptr, bc_ptr, sc_ptr, mc_ptr,
     KC: tl.constexpr, HAS_BETA_C: tl.constexpr,
 ):
     """dh_new, σ(o), tanh(N_c(c_new)) and the gradient of N_c(c_new) for hidden units j of row b."""
@@ -368,7 +393,9 @@ def _row_cell_gradient(
         if HAS_BETA_C:
             cell = cell + tl.load(bc_ptr + j, mask=ok, other=0.0)
     elif KC == 2:
-        cell = cs * tl.load(sc_ptr + t * H + j, mask=ok, other=0.0) + tl.load(hc_ptr + t * H + j, mask=ok, other=0.0)
+        cell = (cs - tl.load(mc_ptr + t * H + j, mask=ok, other=0.0)) * tl.load(sc_ptr + t * H + j, mask=ok, other=0.0)
+        if HAS_BETA_C:
+            cell = cell + tl.load(bc_ptr + j, mask=ok, other=0.0)
     else:
         cell = cs
     tanh_cell = _tanh(cell)
@@ -380,7 +407,7 @@ def lstm_step_backward_rows(
     t, B, H,
     dh_ptr, dout_ptr, dc_in_ptr, dc_out_ptr, keep_ptr,
     gates_ptr, rs_ptr, cs_ptr, c_ptr, mask_ptr, dgates_ptr, dr_ptr, dyc_ptr,
-    gr_ptr, sr_ptr, rvar_ptr, gc_ptr, bc_ptr, sc_ptr, hc_ptr, cvar_ptr, eps_ptr,
+    gr_ptr, sr_ptr, rvar_ptr, gc_ptr, bc_ptr, sc_ptr, mc_ptr, cvar_ptr, eps_ptr,
     KR: tl.constexpr, KC: tl.constexpr, HAS_BETA_C: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """One backward timestep in the rows layout; same arguments and outputs as `lstm_step_backward_columns`."""
@@ -391,7 +418,7 @@ def lstm_step_backward_rows(
     eps_r = tl.load(eps_ptr)
     eps_c = tl.load(eps_ptr + 1)
     state = t * B * H + b * H
-    cell_args = (dh_ptr, dout_ptr, gates_ptr, cs_ptr, gc_ptr, bc_ptr, sc_ptr, hc_ptr)
+    cell_args = (dh_ptr, dout_ptr, gates_ptr, cs_ptr, gc_ptr, bc_ptr, sc_ptr, mc_ptr)
     if KC == 3:
         # Layer norm of the cell: the row sums of γ dy and γ dy ĉ first.
         rstd_c = 1.0 / tl.sqrt(tl.load(cvar_ptr + t * B + b) + eps_c)

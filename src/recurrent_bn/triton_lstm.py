@@ -6,8 +6,9 @@ updated the same way); then one autograd function runs the loop over time. Per t
 `W_h h_{t-1}` and one fused kernel (`triton_kernels.py`: the recurrent term's statistics, its normalization, the
 input term and bias, the gates, the cell update, the cell's normalization and h). Per timestep backward: one fused
 kernel and one matrix product (`dh_{t-1} = keep + dr_t W_h`); `dW_h` is one matrix product after the loop, and the
-γ/β (or per-timestep scale/shift) gradients are vectorized reductions after it. In evaluation the batch norms'
-population statistics are folded into per-timestep scales and shifts before the loop. The batch statistics the
+γ/β (or per-timestep scale/mean) gradients are vectorized reductions after it. In evaluation the batch norms'
+population statistics become per-timestep maps `(x - mean_t) * scale_t + β` before the loop (never folded into
+`x * scale_t + shift_t`, which cancels in float32 when |mean| >> std). The batch statistics the
 kernels compute update the population statistics after the loop, with the calls the reference makes.
 
 Under CUDA autocast the loop runs in float32 (`custom_fwd(cast_inputs=float32)`): the input product is in the autocast
@@ -101,7 +102,7 @@ def launch_config(batch: int, hidden: int, rows: bool) -> dict:
 
 
 def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, float, list[Tensor | None]]:
-    """(kind code, eps, [gamma, beta, scale, shift]) of one term in the loop (`norm.loop_term`)."""
+    """(kind code, eps, [gamma, beta, scale, mean]) of one term in the loop (`norm.loop_term`)."""
     kind, eps, tensors = loop_term(module, steps, start_step)
     return KINDS[kind], eps, tensors
 
@@ -146,8 +147,8 @@ class TritonLSTMFunction(torch.autograd.Function):
     """One LSTM layer's loop over time from its input term (T, B, 4H), with a hand-written backward through time.
 
     Inputs: `config` (kinds, eps as a tensor; the forward leaves the batch statistics in it), the input term, h0, c0,
-    W_h, the mask (T, B) as 0/1 in the working dtype, then gamma, beta, scale, shift of the recurrent and of the cell
-    term (None where absent).
+    W_h, the mask (T, B) as 0/1 in the working dtype, then gamma, beta, scale, mean of the recurrent and of the cell
+    term (`norm.loop_term`; None where absent).
     """
 
     @staticmethod
@@ -188,11 +189,11 @@ class TritonLSTMFunction(torch.autograd.Function):
         launch = launch_config(batch, hidden, rows)
         kernel = kernels.lstm_step_backward_rows if rows else kernels.lstm_step_backward_columns
         kernel = kernel[launch["grid"]]
-        gr, _, sr, _, gc, bc, sc, hc = [dummy if p is None else p for p in terms]
+        gr, _, sr, _, gc, bc, sc, mc = [dummy if p is None else p for p in terms]
         for step in reversed(range(steps)):
             kernel(
                 step, batch, hidden, dh, dout, dc, dc_next, keep, gates, saved["rs"], saved["cs"], saved["c"], mask,
-                dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, hc, saved["cvar"], config["eps"],
+                dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, mc, saved["cvar"], config["eps"],
                 KR=kr, KC=kc, HAS_BETA_C=terms[5] is not None, num_warps=launch["num_warps"], **launch["blocks"],
             )
             # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
@@ -206,19 +207,17 @@ class TritonLSTMFunction(torch.autograd.Function):
 
 
 def _term_grads(kind: int, tensors, dy: Tensor, normalized: Tensor, needs) -> list[Tensor | None]:
-    """Gradients of gamma, beta (summed over time and batch) or scale, shift (per timestep) of one term, from the
+    """Gradients of gamma, beta (summed over time and batch) and of scale, mean (per timestep) of one term, from the
     gradient `dy` of its output and its input normalized without γ (`normalized`, the raw input for an affine map)."""
     grads: list[Tensor | None] = [None] * 4
-    if kind in (BATCH, LAYER):
-        if needs[0]:
-            grads[0] = (dy * normalized).sum((0, 1))
-        if tensors[1] is not None and needs[1]:
-            grads[1] = dy.sum((0, 1))
-    elif kind == AFFINE:
-        if needs[2]:
-            grads[2] = (dy * normalized).sum(1)
-        if needs[3]:
-            grads[3] = dy.sum(1)
+    if kind in (BATCH, LAYER) and needs[0]:
+        grads[0] = (dy * normalized).sum((0, 1))
+    if kind in (BATCH, LAYER, AFFINE) and tensors[1] is not None and needs[1]:
+        grads[1] = dy.sum((0, 1))
+    if kind == AFFINE and needs[2]:
+        grads[2] = (dy * (normalized - tensors[3][:, None])).sum(1)
+    if kind == AFFINE and needs[3]:
+        grads[3] = -tensors[2] * dy.sum(1)
     return grads
 
 
