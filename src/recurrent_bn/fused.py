@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
 KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
 TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
-TERM_TENSORS = ("gamma", "beta", "scale", "shift")
+TERM_TENSORS = ("gamma", "beta", "scale", "mean")  # `norm.loop_term`; the mean is never trained
 DTYPES = (torch.float32, torch.float64)
 DISABLE_ENV = "RBN_DISABLE_FUSED"
 CSRC = Path(__file__).parent / "csrc"
@@ -145,34 +145,9 @@ def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
     return [_empty(like) if t is None else t.detach() for t in tensors]
 
 
-def _folded(kinds: list[int], term_tensors) -> list[Tensor | None]:
-    """The term tensors as the C++ kernels take them: an affine map `(x - mean) * scale + beta` folded into
-    `x * scale + shift` with `shift = beta - mean * scale` (gamma, beta, scale, shift; the kernels' `TermSpec`)."""
-    tensors = list(term_tensors)
-    for k, kind in enumerate(kinds):
-        if kind == AFFINE:
-            _, beta, scale, mean = tensors[4 * k : 4 * k + 4]
-            shift = -mean * scale
-            tensors[4 * k : 4 * k + 4] = [None, None, scale, shift if beta is None else shift + beta]
-    return tensors
-
-
-def _unfolded_grads(kinds: list[int], term_tensors, grads: list[Tensor | None]) -> list[Tensor | None]:
-    """The kernels' gradients of (gamma, beta, scale, shift) as gradients of `loop_term`'s (gamma, beta, scale,
-    mean): through `shift = beta - mean * scale` where a map was folded (`_folded`)."""
-    grads = list(grads)
-    for k, kind in enumerate(kinds):
-        if kind == AFFINE:
-            _, beta, scale, mean = term_tensors[4 * k : 4 * k + 4]
-            d_scale, d_shift = grads[4 * k + 2], grads[4 * k + 3]
-            grads[4 * k : 4 * k + 4] = [None, None if beta is None else d_shift.sum(0), d_scale - mean * d_shift,
-                                        -scale * d_shift]
-    return grads
-
-
 def _specs(kinds: list[int], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
     """The three terms as the extension's `TermSpec`s, by name (input, recurrent, cell)."""
-    tensors = _or_empty(_folded(kinds, term_tensors), like)
+    tensors = _or_empty(list(term_tensors), like)
     return {name: _extension.TermSpec(kinds[i], eps[i], *tensors[4 * i : 4 * i + 4])
             for i, name in enumerate(TERMS)}
 
@@ -214,7 +189,6 @@ class FusedLSTMFunction(torch.autograd.Function):
             threads=ctx.config["threads"], need_dx=ctx.needs_input_grad[1], **ctx.specs,
         )
         term_grads = [getattr(getattr(grads, name), part) for name in TERMS for part in TERM_TENSORS]
-        term_grads = _unfolded_grads(ctx.config["kinds"], term_tensors, term_grads)
         term_grads = [grad if term_tensors[k] is not None and ctx.needs_input_grad[8 + k] else None
                       for k, grad in enumerate(term_grads)]
         return (None, grads.x if ctx.needs_input_grad[1] else None, grads.weight_ih, grads.h0, grads.c0,

@@ -8,10 +8,10 @@ namespace py = pybind11;
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace rbn;
   py::class_<TermSpec>(m, "TermSpec")
-      .def(py::init([](int64_t kind, double eps, Tensor gamma, Tensor beta, Tensor scale, Tensor shift) {
-             return TermSpec{kind, eps, gamma, beta, scale, shift};
+      .def(py::init([](int64_t kind, double eps, Tensor gamma, Tensor beta, Tensor scale, Tensor mean) {
+             return TermSpec{kind, eps, gamma, beta, scale, mean};
            }),
-           py::arg("kind"), py::arg("eps"), py::arg("gamma"), py::arg("beta"), py::arg("scale"), py::arg("shift"))
+           py::arg("kind"), py::arg("eps"), py::arg("gamma"), py::arg("beta"), py::arg("scale"), py::arg("mean"))
       .def_readonly("kind", &TermSpec::kind)
       .def_readonly("eps", &TermSpec::eps);
   py::class_<TermStats>(m, "TermStats")
@@ -41,7 +41,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_readonly("gamma", &TermGrads::gamma)
       .def_readonly("beta", &TermGrads::beta)
       .def_readonly("scale", &TermGrads::scale)
-      .def_readonly("shift", &TermGrads::shift);
+      .def_readonly("mean", &TermGrads::mean);
   py::class_<BackwardResult>(m, "BackwardResult")
       .def_readonly("x", &BackwardResult::x)
       .def_readonly("weight_ih", &BackwardResult::weight_ih)

@@ -241,7 +241,8 @@ void fill_terms(Problem<T>& p, const Terms& terms) {
     term.gamma = ptr_or_null<T>(spec.gamma);
     term.beta = ptr_or_null<T>(spec.beta);
     term.scale = ptr_or_null<T>(spec.scale);
-    term.shift = ptr_or_null<T>(spec.shift);
+    term.center = ptr_or_null<T>(spec.mean);
+    TORCH_CHECK(spec.kind != kAffine || (term.scale && term.center), "an affine term needs its scale and mean");
   }
 }
 
@@ -533,7 +534,7 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   for (int i = 0; i < 3; ++i) {
     const int64_t F = i == 2 ? H : G;
     TermGrads& g = *grads[i];
-    g.gamma = g.beta = g.scale = g.shift = none;
+    g.gamma = g.beta = g.scale = g.mean = none;
     const auto member = sums_of[i];
     const int64_t kind = terms[i]->kind;
     if (kind == kBatch || kind == kShared || kind == kLayer) {
@@ -544,9 +545,8 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
       g.scale =
           reduce([&](const Accumulators<T>& a) -> const std::vector<T>& { return (a.*member).dscale; }, S * F)
               .view({S, F});
-      g.shift =
-          reduce([&](const Accumulators<T>& a) -> const std::vector<T>& { return (a.*member).dshift; }, S * F)
-              .view({S, F});
+      if (terms[i]->beta.numel() > 0)
+        g.beta = reduce([&](const Accumulators<T>& a) -> const std::vector<T>& { return (a.*member).dbeta; }, F);
     }
   }
   if (p.in.kind == kShared) {

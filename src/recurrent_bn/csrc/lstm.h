@@ -12,11 +12,13 @@ namespace rbn {
 using at::Tensor;
 
 // How one term (the input projection, the recurrent term, the cell) is normalized: kind (Kind in common.h), eps,
-// gamma and beta (layer / batch norm), or the per-timestep scale and shift (steps, F) of the affine map.
+// gamma and beta (layer / batch norm), or the affine map (x - mean) * scale + beta of population statistics, with
+// its per-timestep scale and mean (steps, F) and beta (F, or empty). The map is never folded into x * scale +
+// shift: when |mean| >> std that sum cancels and float32 keeps only a few digits of the result.
 struct TermSpec {
   int64_t kind = 0;
   double eps = 0;
-  Tensor gamma, beta, scale, shift;
+  Tensor gamma, beta, scale, mean;
 };
 
 // A term's statistics from the forward: batch (steps, F) or shared (F) mean and biased variance, returned for the
@@ -39,7 +41,7 @@ struct ForwardResult {
 };
 
 struct TermGrads {
-  Tensor gamma, beta, scale, shift;
+  Tensor gamma, beta, scale, mean;  // mean: always empty (the population statistics are not trained)
 };
 
 struct BackwardResult {

@@ -200,15 +200,15 @@ RBN_INLINE void layer_norm_backward_row(const T* g, const T* x, T x_mean, T x_rs
   }
 }
 
-// The affine map y = shift + x * scale of one row (the population statistics of timestep t): adds g * x and g to
-// dscale and dshift (of that timestep) and writes dx = g * scale (may be g).
+// The affine map y = (x - center) * scale + beta of one row (the population statistics of timestep t): adds
+// g * (x - center) to dscale (of that timestep) and g to dbeta, and writes dx = g * scale (may be g).
 template <typename T>
-RBN_INLINE void affine_backward_row(const T* g, const T* x, const T* scale, int64_t n, T* dscale, T* dshift,
-                                    T* dx) {
+RBN_INLINE void affine_backward_row(const T* g, const T* x, const T* center, const T* scale, int64_t n, T* dscale,
+                                    T* dbeta, T* dx) {
 #pragma omp simd
   for (int64_t k = 0; k < n; ++k) {
-    dscale[k] += g[k] * x[k];
-    dshift[k] += g[k];
+    dscale[k] += g[k] * (x[k] - center[k]);
+    dbeta[k] += g[k];
     dx[k] = g[k] * scale[k];
   }
 }
@@ -229,8 +229,8 @@ RBN_INLINE void rowwise_backward(const Term<T>& term, TermSums<T>& sums, int64_t
     }
   } else if (term.kind == kAffine) {
     for (int64_t r = 0; r < rows; ++r)
-      affine_backward_row(g + r * n, x + r * n, term.scale + t * n, n, sums.dscale.data() + t * n,
-                          sums.dshift.data() + t * n, dx + r * n);
+      affine_backward_row(g + r * n, x + r * n, term.center + t * n, term.scale + t * n, n,
+                          sums.dscale.data() + t * n, sums.dbeta.data(), dx + r * n);
   }
 }
 

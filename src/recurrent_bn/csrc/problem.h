@@ -14,8 +14,8 @@ struct Term {
   int64_t features = 0;       // F: 4H for the input and recurrent terms, H for the cell
   const T* gamma = nullptr;   // (F) layer / batch / shared
   const T* beta = nullptr;    // (F) or null
-  const T* scale = nullptr;   // (steps, F) affine
-  const T* shift = nullptr;   // (steps, F) affine
+  const T* scale = nullptr;   // (steps, F) affine: (x - center) * scale + beta
+  const T* center = nullptr;  // (steps, F) affine: the population mean
   T eps = 0;
   T* mean = nullptr;          // batch: (steps, F); shared: (F); written by the forward, read by the backward
   T* var = nullptr;           // likewise
@@ -50,8 +50,8 @@ struct Problem {
 // Per-thread sums of one term's parameter gradients, reduced after the loop.
 template <typename T>
 struct TermSums {
-  std::vector<T> dgamma, dbeta;    // (F) layer / batch / shared
-  std::vector<T> dscale, dshift;   // (steps, F) affine only
+  std::vector<T> dgamma, dbeta;    // (F) layer / batch / shared; dbeta also affine
+  std::vector<T> dscale;           // (steps, F) affine only
 };
 
 // Per-thread sums for the parameter gradients, reduced after the loop.
@@ -67,7 +67,6 @@ struct Accumulators {
       sums->dbeta.assign(term->features, T(0));
       if (term->kind == kAffine) {
         sums->dscale.assign(p.steps * term->features, T(0));
-        sums->dshift.assign(p.steps * term->features, T(0));
       }
     }
   }

@@ -35,9 +35,10 @@ RBN_INLINE void finish_row(const Problem<T>& p, int64_t t, int64_t b, const T* c
     normalize_row(cn, &mean, &rstd, 0, cell.gamma, cell.beta, ch, y, H);
   } else if (cell.kind == kAffine) {
     const T* scale = cell.scale + t * H;
-    const T* shift = cell.shift + t * H;
+    const T* center = cell.center + t * H;
+    const T* beta = cell.beta ? cell.beta : s.zeros.data();
 #pragma omp simd
-    for (int64_t u = 0; u < H; ++u) y[u] = shift[u] + cn[u] * scale[u];
+    for (int64_t u = 0; u < H; ++u) y[u] = (cn[u] - center[u]) * scale[u] + beta[u];
   } else {
     y = const_cast<T*>(cn);
   }
@@ -133,9 +134,9 @@ RBN_INLINE void forward_step(const Problem<T>& p, const Team<T>& team, int64_t i
       for (int64_t k = 0; k < G; ++k) gate[k] = ((x[k] - m) * q * gamma[k] + in_beta[k]) + bias[k];
     } else if (in.kind == kAffine) {
       const T* scale = in.scale + t * G;
-      const T* shift = in.shift + t * G;
+      const T* center = in.center + t * G;
 #pragma omp simd
-      for (int64_t k = 0; k < G; ++k) gate[k] = (shift[k] + x[k] * scale[k]) + bias[k];
+      for (int64_t k = 0; k < G; ++k) gate[k] = ((x[k] - center[k]) * scale[k] + in_beta[k]) + bias[k];
     } else {
 #pragma omp simd
       for (int64_t k = 0; k < G; ++k) gate[k] = x[k] + bias[k];
@@ -170,11 +171,11 @@ RBN_INLINE void forward_step(const Problem<T>& p, const Team<T>& team, int64_t i
       }
     } else if (hh.kind == kAffine) {
       const T* scale = hh.scale + t * G;
-      const T* shift = hh.shift + t * G;
+      const T* center = hh.center + t * G;
 #pragma omp simd
       for (int64_t k = 0; k < G; ++k) {
         rh[k] = rr[k];
-        gate[k] += shift[k] + rr[k] * scale[k];
+        gate[k] += (rr[k] - center[k]) * scale[k] + hh_beta[k];
       }
     } else {
 #pragma omp simd
