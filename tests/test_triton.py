@@ -288,6 +288,23 @@ def test_triton_gradgradcheck(variant, training):
     assert torch.autograd.gradgradcheck(f, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_empty_batch_gives_what_torch_lstm_gives_and_a_batch_of_one_is_refused_in_training(training):
+    expected_model = torch.nn.LSTM(2, 3, 2)
+    model = rb.LSTM(2, 3, 2, norm="bn", backend="triton").train(training)
+    shapes = []
+    for layer in (expected_model, model):
+        x = torch.randn(4, 0, 2, requires_grad=True)
+        output, (h, c) = layer(x)
+        (output.sum() + h.sum()).backward()
+        shapes.append([tuple(t.shape) for t in (output, h, c, x.grad)])
+    assert shapes[1] == shapes[0]
+    assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
+    if training:
+        with pytest.raises(ValueError, match="more than one example per batch"):
+            model(torch.randn(4, 1, 2))
+
+
 def test_cpu_tensors_without_the_interpreter_stop_with_one_line(monkeypatch):
     monkeypatch.setattr(triton_lstm, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1") as error:

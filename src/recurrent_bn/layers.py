@@ -13,7 +13,13 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from recurrent_bn import recurrence
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
+from recurrent_bn.norm import (
+    CellShift,
+    RecurrentBatchNorm,
+    RecurrentLayerNorm,
+    batch_norms,
+    refuse_single_example,
+)
 
 LSTM_NORMS = ("none", "vbn", "bn", "ln")
 RNN_NORMS = ("none", "bn", "ln")
@@ -336,6 +342,18 @@ class _RecurrentStack(nn.Module):
         steps = torch.arange(input.shape[0], device=input.device)
         return input, steps[:, None] < lengths[None, :], lengths
 
+    def _refuse_single_example(self, batch: int, steps: int) -> None:
+        """One line, before anything runs, where a batch norm in training would normalize a batch of one example.
+
+        Only an input term with `share_statistics_over_time` pools its statistics over time (vertical batch norm);
+        every other batch-norm term has statistics per timestep, over the batch alone."""
+        if batch != 1:
+            return
+        for name, module in self.named_children():
+            if isinstance(module, RecurrentBatchNorm) and module.training:
+                pooled = name.startswith("norm_ih") and module.share_statistics_over_time
+                refuse_single_example(steps if pooled else 1)
+
     def _between_layers(self, output: Tensor) -> Tensor:
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
         return output
@@ -374,6 +392,7 @@ class _RecurrentStack(nn.Module):
             raise ValueError("start_step continues a sequence fed in pieces, which a bidirectional layer cannot "
                              "read backwards: feed the whole sequence with start_step=0")
         input, mask, lengths = self._check_input(input, lengths, self.batch_first and packed is None)
+        self._refuse_single_example(input.shape[1], input.shape[0])
         states = self._initial_states(hx, input.shape[1], input)
         reverse_index = _reverse_index(lengths, input.shape[0]) if self.bidirectional else None
         layer_input = input
@@ -541,7 +560,8 @@ class LSTM(_RecurrentStack):
 
     def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
-        if self._uses_triton(x):
+        # An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
+        if self._uses_triton(x) and x.shape[1] > 0:
             from recurrent_bn import triton_lstm
 
             output, h, c = triton_lstm.lstm(

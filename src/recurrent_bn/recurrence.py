@@ -149,7 +149,11 @@ def lstm(
 
     Returns the output (T, B, H) and the final h and c.
     """
-    if fused and weight_ih is not None and _fused_covers(input_term, weight_ih, h, c, weight_hh):
+    # An empty batch runs the loop below, which returns empty outputs and states as torch.nn.LSTM does (the
+    # kernels cannot take one).
+    if fused and weight_ih is not None and input_term.shape[1] > 0 and _fused_covers(
+        input_term, weight_ih, h, c, weight_hh
+    ):
         from recurrent_bn import fused as fused_kernels
 
         return fused_kernels.lstm(
