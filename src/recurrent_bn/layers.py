@@ -7,6 +7,8 @@ normalization and the cell update stay in the loop (`recurrence.py`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -39,6 +41,32 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _omp_thread_limit() -> int | None:
+    """OMP_THREAD_LIMIT as a positive integer, or None (unset or not a number: OpenMP ignores it then)."""
+    try:
+        limit = int(os.environ.get("OMP_THREAD_LIMIT", ""))
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+def orthogonal_(tensor: Tensor) -> Tensor:
+    """`nn.init.orthogonal_` that cannot hang.
+
+    With OMP_THREAD_LIMIT below torch's thread count, its QR (LAPACK on an OpenMP team) waited forever for threads
+    OpenMP would not start (a 256 x 64 matrix, OMP_THREAD_LIMIT=1 and two torch threads): the QR then runs on the
+    threads the limit allows. Otherwise the call is unchanged, so seeded initializations are bit for bit as before
+    (the QR's last bits depend on the number of threads: one thread instead of two changes them by ~1e-7)."""
+    threads, limit = torch.get_num_threads(), _omp_thread_limit()
+    if limit is None or limit >= threads:
+        return nn.init.orthogonal_(tensor)
+    torch.set_num_threads(limit)
+    try:
+        return nn.init.orthogonal_(tensor)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
     """Orthogonal initialisation of a gate-stacked weight (blocks * H, n).
 
@@ -48,7 +76,7 @@ def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
     """
     with torch.no_grad():
         for block in weight.chunk(blocks, 0) if scope == "per_gate" else (weight,):
-            nn.init.orthogonal_(block)
+            orthogonal_(block)
 
 
 def _make_norm(
@@ -227,13 +255,13 @@ def _add_rnn_terms(
 
 def _init_rnn_terms_(module: nn.Module, suffix: str) -> None:
     """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-    nn.init.orthogonal_(getattr(module, f"weight_ih{suffix}"))
+    orthogonal_(getattr(module, f"weight_ih{suffix}"))
     weight_hh = getattr(module, f"weight_hh{suffix}")
     if module.recurrent_init == "identity":
         with torch.no_grad():
             weight_hh.copy_(torch.eye(module.hidden_size))
     else:
-        nn.init.orthogonal_(weight_hh)
+        orthogonal_(weight_hh)
     for name in (f"bias_ih{suffix}", f"bias_hh{suffix}", f"bias{suffix}"):
         if _parameter(module, name) is not None:
             nn.init.zeros_(_parameter(module, name))
