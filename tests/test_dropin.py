@@ -509,3 +509,90 @@ def test_bidirectional_language_model_is_refused():
 
     with pytest.raises(ConfigError, match="model.bidirectional"):
         validate(make_cfg("task=ptb", "model=lstm", "model.hidden_size=8", "model.bidirectional=true"))
+
+
+# ------------------------------------------------------------------------------------- batches of one and of none
+
+
+EMPTY_BATCH_VARIANTS = {
+    "none": {"norm": "none"}, "bn": {"norm": "bn"}, "vbn": {"norm": "vbn"}, "ln": {"norm": "ln"},
+    "bn-e*": {"norm": "bn", "share_statistics_over_time": ("input",)},
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("variant", list(EMPTY_BATCH_VARIANTS))
+def test_an_empty_batch_gives_what_torch_lstm_gives(backend, variant, training):
+    # The fused kernels stopped with "cannot reshape tensor of 0 elements"; the reference loop's batch statistics
+    # of no example were NaN and went into the population statistics.
+    expected_model = nn.LSTM(3, 4, 2, bidirectional=True)
+    model = rb.LSTM(3, 4, 2, bidirectional=True, backend=backend, **EMPTY_BATCH_VARIANTS[variant]).train(training)
+    before = [b.clone() for b in model.buffers()]
+    results = []
+    for layer in (expected_model, model):
+        x = torch.randn(5, 0, 3, requires_grad=True)
+        output, (h, c) = layer(x)
+        (output.sum() + h.sum() + c.sum()).backward()
+        results.append((output, h, c, x.grad))
+    for expected, got in zip(*results, strict=True):
+        assert got.shape == expected.shape
+    assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+
+
+@pytest.mark.parametrize("norm", ["none", "bn", "ln"])
+def test_an_empty_batch_through_the_rnn_and_the_cells_gives_empty_states(norm):
+    x = torch.randn(4, 0, 2)
+    models = rb.RNN(2, 3, 2, norm=norm), rb.LSTMCell(2, 3, norm=norm), rb.RNNCell(2, 3, norm=norm)
+    output, h = models[0](x)
+    assert output.shape == (4, 0, 3) and h.shape == (2, 0, 3)
+    h, c = models[1](x[0], step=0)
+    assert h.shape == c.shape == (0, 3)
+    assert models[2](x[0], step=0).shape == (0, 3)
+    assert nn.RNN(2, 3, 2)(x)[0].shape == (4, 0, 3)  # torch's, for the shapes above
+    buffers = [b for model in models for b in model.buffers() if b.is_floating_point()]
+    assert all(torch.isfinite(b).all() for b in buffers)  # statistics of no example are not NaN
+
+
+@pytest.mark.parametrize("make, call", [
+    (lambda b: rb.LSTM(2, 3, norm="bn", backend=b), lambda m, x: m(x)),
+    (lambda b: rb.LSTM(2, 3, norm="bn", norm_terms=("recurrent",), backend=b), lambda m, x: m(x)),
+    (lambda b: rb.LSTM(2, 3, norm="bn", share_statistics_over_time=("input",), backend=b), lambda m, x: m(x)),
+    (lambda b: rb.LSTM(2, 3, norm="vbn", backend=b), lambda m, x: m(x[:1])),  # one value: one step of one example
+    (lambda b: rb.RNN(2, 3, norm="bn"), lambda m, x: m(x)),
+    (lambda b: rb.RNN(2, 3, norm="bn", norm_placement="separate"), lambda m, x: m(x)),
+    (lambda b: rb.LSTMCell(2, 3, norm="bn"), lambda m, x: m(x[0], step=0)),
+    (lambda b: rb.RNNCell(2, 3, norm="bn"), lambda m, x: m(x[0], step=0)),
+], ids=["bn", "bn-recurrent", "bn-e*", "vbn-one-step", "bn-rnn", "bn-rnn-separate", "bn-lstm-cell", "bn-rnn-cell"])
+def test_batch_norm_in_training_refuses_a_batch_of_one_in_one_line(backend, make, call):
+    # Every example would be normalized by its own statistics: the output would not depend on the input.
+    model = make(backend)
+    x = torch.randn(4, 1, 2)
+    before = [b.clone() for b in model.buffers()]
+    with pytest.raises(ValueError, match="more than one example per batch") as error:
+        call(model, x)
+    assert "\n" not in str(error.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers(), strict=True))
+    model.eval()
+    assert torch.isfinite(call(model, x)[0]).all()  # the population statistics take a batch of one
+
+
+def test_a_batch_of_one_trains_where_no_statistic_is_over_the_batch_alone(backend):
+    x = torch.randn(4, 1, 2)
+    for model in (rb.LSTM(2, 3, norm="ln", backend=backend), rb.LSTM(2, 3, backend=backend), rb.RNN(2, 3, norm="ln"),
+                  rb.LSTMCell(2, 3, norm="ln")):
+        output = model(x[0], step=0) if isinstance(model, rb.LSTMCell) else model(x)
+        assert torch.isfinite(output[0]).all()
+    # Vertical batch norm pools the input term over the batch and time: several values for one example.
+    output, _ = rb.LSTM(2, 3, norm="vbn", backend=backend)(x)
+    assert output.std() > 0
+
+
+def test_a_padded_batch_with_one_active_sequence_at_some_steps_trains(backend):
+    torch.manual_seed(0)
+    model = rb.LSTM(2, 3, norm="bn", backend=backend)
+    reference = copy.deepcopy(model)
+    reference.backend = "reference"
+    x = torch.randn(4, 2, 2)
+    lengths = torch.tensor([4, 1])  # from the second step on, one active sequence
+    assert_close(model(x, lengths=lengths)[0], reference(x, lengths=lengths)[0])

@@ -220,6 +220,39 @@ def test_a_full_disk_ends_in_one_line_naming_what_was_saved_and_leaves_no_tempor
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), where every write is ENOSPC")
+@pytest.mark.parametrize("full_at, nth", [("last.tmp", 2), ("best.tmp", 1)])
+def test_a_full_disk_under_torchs_own_writer_ends_in_the_same_one_line(tmp_path, monkeypatch, make_cfg, full_at, nth):
+    # torch.save's zip writer reports ENOSPC as "RuntimeError: [enforce fail at inline_container.cc:...] unexpected
+    # pos ...", not as an OSError: the run ended in that traceback with status=failed. Here the temporary file of the
+    # second write of last.pt (or the first of best.pt) is /dev/full, so torch's real writer meets a real ENOSPC.
+    original, calls = torch.save, []
+
+    def save_onto_a_full_disk(content, path, *args, **kwargs):
+        if isinstance(path, str | os.PathLike):
+            calls.append(Path(path).name)
+            if Path(path).name == full_at and calls.count(full_at) == nth:
+                Path(path).symlink_to("/dev/full")
+        return original(content, path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer.torch, "save", save_onto_a_full_disk)
+    run_dir = tmp_path / "run"
+    cfg = make_cfg(*SMALL, "trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.eval_every=5",
+                   "trainer.valid_statistics=moving_average", "model.hidden_size=4")
+    with pytest.raises(UserError) as error:
+        train(cfg, run_dir)
+    message = str(error.value)
+    assert "\n" not in message and str(run_dir) in message and "full" in message
+    assert not list(run_dir.rglob("*.tmp"))
+    if full_at == "last.tmp":
+        assert "kept: last.pt of step 5" in message and "stopped at step 10" in message
+        assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == 5
+    else:
+        assert "kept: no checkpoint yet" in message and "stopped at step 5" in message
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == message
+
+
 # ------------------------------------------------------------------- 7, 8, 9, 10. one line, and nothing touched
 
 

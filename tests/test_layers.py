@@ -7,6 +7,10 @@ equations as the reference loops.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -571,3 +575,53 @@ def test_a_state_dict_trained_longer_than_the_population_slots_is_refused_at_loa
     m.load_state_dict(state)
     m.eval()
     m(torch.randn(14, 2, 3))  # past max_length: the last slot
+
+
+OMP_LIMIT_SCRIPT = """
+import copy, torch
+torch.set_num_threads(2)  # before any layer is built, with OMP_THREAD_LIMIT=1 in the environment
+import recurrent_bn as rb
+from recurrent_bn.models import init_head_
+makers = [
+    lambda backend: rb.LSTM(64, 64, 2, norm="bn", backend=backend),
+    lambda backend: rb.LSTM(64, 64, norm="ln", recurrent_init="identity", orthogonal_init="per_gate", backend=backend),
+    lambda backend: rb.LSTM(64, 64, norm="vbn", bidirectional=True, backend=backend),
+    lambda backend: rb.RNN(64, 64, 2, norm="bn", backend=backend),
+]
+for make in makers:
+    torch.manual_seed(0)
+    model = make("auto")
+    reference = copy.deepcopy(model)
+    reference.backend = "reference"
+    x = torch.randn(6, 5, 64, dtype=torch.float64)
+    results = []
+    for layer in (model.double(), reference.double()):
+        output, _ = layer(x)
+        output.square().sum().backward()
+        results.append([output.detach(), *(p.grad for p in layer.parameters())])
+    assert all(torch.allclose(a, b, atol=1e-10, rtol=1e-10) for a, b in zip(*results, strict=True))
+init_head_(torch.nn.Linear(64, 256), "orthogonal")
+rb.LSTMCell(64, 64, norm="bn")
+print("OK", torch.get_num_threads())
+"""
+
+
+def test_layers_build_and_run_with_omp_thread_limit_below_torchs_threads():
+    # nn.init.orthogonal_'s QR hung forever for a 256 x 64 matrix with OMP_THREAD_LIMIT=1 and two torch threads.
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    result = subprocess.run([sys.executable, "-c", OMP_LIMIT_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["OK", "2"]  # torch's thread count is restored after each QR
+
+
+def test_orthogonal_initialisation_is_nn_init_orthogonal_bit_for_bit_without_a_thread_limit(monkeypatch):
+    # Seeded runs keep their numbers: the guard only acts where OMP_THREAD_LIMIT is below torch's threads.
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    torch.manual_seed(0)
+    model = rb.LSTM(3, 16)
+    torch.manual_seed(0)
+    expected_ih, expected_hh = torch.empty(64, 3), torch.empty(64, 16)
+    nn.init.orthogonal_(expected_ih)
+    nn.init.orthogonal_(expected_hh)
+    assert torch.equal(model.weight_ih_l0, expected_ih) and torch.equal(model.weight_hh_l0, expected_hh)

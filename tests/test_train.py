@@ -19,9 +19,9 @@ from fixtures import make_mnist, make_ptb, make_text8, ptb_char_text, text8_like
 
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.errors import ConfigError, DataNotFoundError
-from recurrent_bn.layers import estimate_population_statistics
+from recurrent_bn.layers import LSTM, estimate_population_statistics
 from recurrent_bn.models import build_model
-from recurrent_bn.tasks import Task
+from recurrent_bn.tasks import Task, without_a_batch_of_one
 from recurrent_bn.trainer import Diverged, train
 
 REPO = CONF_DIR.parent
@@ -314,3 +314,21 @@ def test_compile_is_refused_for_long_sequences_in_one_line(tmp_path, make_cfg):
     with pytest.raises(ConfigError, match="set trainer.compile=false") as error:
         train(make_cfg("task=pmnist", "model=bn_lstm", "trainer.compile=default"), tmp_path)
     assert "\n" not in str(error.value) and "784" in str(error.value)
+
+
+def test_a_last_batch_of_one_joins_the_batch_before_it_where_batch_statistics_are_taken():
+    # A split that leaves one example after its full batches would end the estimation of the statistics (or a
+    # validation with batch statistics) in the layers' refusal of a batch of one.
+    x = torch.arange(5 * 7, dtype=torch.float32).reshape(5, 7, 1)
+    labels, targets = torch.arange(7), torch.arange(5 * 7).reshape(5, 7)
+    for y in (labels, targets):  # classification (B,), language model (T, B)
+        batch_dim = y.dim() - 1
+        batches = [(x[:, i : i + 3], y.narrow(batch_dim, i, min(3, 7 - i))) for i in range(0, 7, 3)]
+        joined = list(without_a_batch_of_one(iter(batches)))
+        assert [b[0].shape[1] for b in joined] == [3, 4]
+        assert torch.equal(torch.cat([b[0] for b in joined], 1), x)
+        assert torch.equal(torch.cat([b[1] for b in joined], batch_dim), y)
+    assert [b[0].shape[1] for b in without_a_batch_of_one(iter(batches[:2]))] == [3, 3]
+    batches = [(x[:, i : i + 3], labels[i : i + 3]) for i in range(0, 7, 3)]
+    model = LSTM(1, 2, norm="bn")
+    assert estimate_population_statistics(model, (b[0] for b in without_a_batch_of_one(iter(batches)))) == 2

@@ -252,6 +252,59 @@ def test_triton_gradcheck(variant, training):
     _gradcheck(variant, training, fast_mode=False)
 
 
+def test_gradient_penalty_through_the_triton_path_matches_torch_lstm():
+    # A gradient of a gradient (create_graph=True) recomputes through the reference loop: the kernels' backward is a
+    # first derivative only, and without that its second-order part was silently missing.
+    torch.manual_seed(0)
+    expected_model = torch.nn.LSTM(2, 3).double()
+    model = rb.LSTM(2, 3, backend="triton").double()
+    model.load_state_dict(expected_model.state_dict())
+    x = torch.randn(3, 2, 2, dtype=torch.float64)
+    gradients = []
+    for layer in (expected_model, model):
+        x_layer = x.clone().requires_grad_(True)
+        output, _ = layer(x_layer)
+        (slope,) = torch.autograd.grad(output.sum(), x_layer, create_graph=True)
+        gradients.append(torch.autograd.grad(output.sum() + 10 * slope.square().sum(), [x_layer, *layer.parameters()]))
+    assert_all_close(gradients[1], gradients[0], TOL, "penalized gradients")
+
+
+@pytest.mark.parametrize("variant, training", [("bn", True), ("bn", False),
+                                               pytest.param("ln", True, marks=pytest.mark.slow)])
+def test_triton_gradgradcheck(variant, training):
+    torch.manual_seed(4)
+    model = randomize(rb.LSTM(1, 2, max_length=2, backend="triton", **VARIANTS[variant])).double()
+    model.train(training)
+    x = torch.randn(2, 3, 1, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([2, 1, 2])
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(x, *values):
+        parameters = dict(zip(names, values, strict=True))
+        y, (h, c) = torch.func.functional_call(model, parameters, (x,), {"lengths": lengths})
+        return y, h, c
+
+    values = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    assert torch.autograd.gradgradcheck(f, (x, *values), eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_triton_empty_batch_gives_what_torch_lstm_gives_and_a_batch_of_one_is_refused_in_training(training):
+    expected_model = torch.nn.LSTM(2, 3, 2)
+    model = rb.LSTM(2, 3, 2, norm="bn", backend="triton").train(training)
+    shapes = []
+    for layer in (expected_model, model):
+        x = torch.randn(4, 0, 2, requires_grad=True)
+        output, (h, c) = layer(x)
+        (output.sum() + h.sum()).backward()
+        shapes.append([tuple(t.shape) for t in (output, h, c, x.grad)])
+    assert shapes[1] == shapes[0]
+    assert all(torch.isfinite(b).all() for b in model.buffers() if b.is_floating_point())
+    if training:
+        with pytest.raises(ValueError, match="more than one example per batch"):
+            model(torch.randn(4, 1, 2))
+
+
 def test_cpu_tensors_without_the_interpreter_stop_with_one_line(monkeypatch):
     monkeypatch.setattr(triton_lstm, "INTERPRETED", False)
     with pytest.raises(RuntimeError, match="needs TRITON_INTERPRET=1") as error:

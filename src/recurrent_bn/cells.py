@@ -39,7 +39,7 @@ from recurrent_bn.layers import (
     _rnn_options,
     _sum_norm_name,
 )
-from recurrent_bn.norm import RecurrentBatchNorm
+from recurrent_bn.norm import RecurrentBatchNorm, refuse_single_example
 from recurrent_bn.recurrence import StepNorm
 
 
@@ -85,6 +85,9 @@ class _RecurrentCell(nn.Module):
             step = 0
         if not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        norms = [getattr(self, n, None) for n in self.norm_names]
+        if any(isinstance(m, RecurrentBatchNorm) and m.training for m in norms):
+            refuse_single_example(batch)  # a cell's statistics are over the batch of its one step
         states = [input.new_zeros(batch, self.hidden_size) if s is None else s for s in states]
         for state in states:
             if state.shape != (batch, self.hidden_size):

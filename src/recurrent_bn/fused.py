@@ -19,6 +19,7 @@ loop, with the same calls the reference makes. The RNN layers have no fused kern
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -28,14 +29,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from recurrent_bn.norm import example_count, loop_term
+from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
 log = logging.getLogger(__name__)
 
 # How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
 NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
 KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
+KIND_NAMES = {code: name for name, code in KINDS.items()}
 TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
 TERM_TENSORS = ("gamma", "beta", "scale", "mean")  # `norm.loop_term`; the mean is never trained
 DTYPES = (torch.float32, torch.float64)
@@ -175,13 +179,18 @@ class FusedLSTMFunction(torch.autograd.Function):
         )
         config["stats"] = _statistics(result.saved)
         ctx.saved, ctx.specs, ctx.config = result.saved, specs, config
-        ctx.save_for_backward(x, weight_ih, weight_hh, bias, mask, *term_tensors)
+        ctx.save_for_backward(x, weight_ih, h0, c0, weight_hh, bias, mask, *term_tensors)
         return result.output, result.h, result.c
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_h, grad_c):
-        x, weight_ih, weight_hh, bias, mask, *term_tensors = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is a first derivative only (a gradient penalty through it
+            # silently lost its second-order part), so recompute through the reference loop and differentiate that.
+            grads = gradients_with_graph(functools.partial(_reference, ctx.config), ctx.saved_tensors,
+                                         ctx.needs_input_grad[1:], (grad_output, grad_h, grad_c))
+            return None, *grads
+        x, weight_ih, _, _, weight_hh, bias, mask, *term_tensors = ctx.saved_tensors
         empty = _empty(x)
         grads = _extension.lstm_backward(
             d_output=grad_output, d_h=grad_h, d_c=grad_c, x=x, weight_ih=weight_ih, weight_hh=weight_hh,
@@ -193,6 +202,17 @@ class FusedLSTMFunction(torch.autograd.Function):
                       for k, grad in enumerate(term_grads)]
         return (None, grads.x if ctx.needs_input_grad[1] else None, grads.weight_ih, grads.h0, grads.c0,
                 grads.weight_hh, grads.bias if bias is not None else None, None, *term_grads)
+
+
+def _reference(config: dict, x: Tensor, weight_ih: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
+               bias: Tensor | None, mask: Tensor | None, *term_tensors) -> tuple[Tensor, Tensor, Tensor]:
+    """What the kernels compute from `FusedLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
+    norms = [DescribedNorm(KIND_NAMES[kind], eps, term_tensors[4 * k : 4 * k + 4], mask)
+             for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"], strict=True))]
+    input_term = norms[0].sequence(F.linear(x, weight_ih))
+    if bias is not None:
+        input_term = input_term + bias
+    return lstm_loop(input_term, h0, c0, weight_hh, norms[1], norms[2], mask)
 
 
 def lstm(

@@ -7,13 +7,21 @@ normalization and the cell update stay in the loop (`recurrence.py`).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from recurrent_bn import recurrence
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_norms
+from recurrent_bn.norm import (
+    CellShift,
+    RecurrentBatchNorm,
+    RecurrentLayerNorm,
+    batch_norms,
+    refuse_single_example,
+)
 
 LSTM_NORMS = ("none", "vbn", "bn", "ln")
 RNN_NORMS = ("none", "bn", "ln")
@@ -33,6 +41,32 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def _omp_thread_limit() -> int | None:
+    """OMP_THREAD_LIMIT as a positive integer, or None (unset or not a number: OpenMP ignores it then)."""
+    try:
+        limit = int(os.environ.get("OMP_THREAD_LIMIT", ""))
+    except ValueError:
+        return None
+    return limit if limit > 0 else None
+
+
+def orthogonal_(tensor: Tensor) -> Tensor:
+    """`nn.init.orthogonal_` that cannot hang.
+
+    With OMP_THREAD_LIMIT below torch's thread count, its QR (LAPACK on an OpenMP team) waited forever for threads
+    OpenMP would not start (a 256 x 64 matrix, OMP_THREAD_LIMIT=1 and two torch threads): the QR then runs on the
+    threads the limit allows. Otherwise the call is unchanged, so seeded initializations are bit for bit as before
+    (the QR's last bits depend on the number of threads: one thread instead of two changes them by ~1e-7)."""
+    threads, limit = torch.get_num_threads(), _omp_thread_limit()
+    if limit is None or limit >= threads:
+        return nn.init.orthogonal_(tensor)
+    torch.set_num_threads(limit)
+    try:
+        return nn.init.orthogonal_(tensor)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
     """Orthogonal initialisation of a gate-stacked weight (blocks * H, n).
 
@@ -42,7 +76,7 @@ def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
     """
     with torch.no_grad():
         for block in weight.chunk(blocks, 0) if scope == "per_gate" else (weight,):
-            nn.init.orthogonal_(block)
+            orthogonal_(block)
 
 
 def _make_norm(
@@ -221,13 +255,13 @@ def _add_rnn_terms(
 
 def _init_rnn_terms_(module: nn.Module, suffix: str) -> None:
     """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-    nn.init.orthogonal_(getattr(module, f"weight_ih{suffix}"))
+    orthogonal_(getattr(module, f"weight_ih{suffix}"))
     weight_hh = getattr(module, f"weight_hh{suffix}")
     if module.recurrent_init == "identity":
         with torch.no_grad():
             weight_hh.copy_(torch.eye(module.hidden_size))
     else:
-        nn.init.orthogonal_(weight_hh)
+        orthogonal_(weight_hh)
     for name in (f"bias_ih{suffix}", f"bias_hh{suffix}", f"bias{suffix}"):
         if _parameter(module, name) is not None:
             nn.init.zeros_(_parameter(module, name))
@@ -336,6 +370,18 @@ class _RecurrentStack(nn.Module):
         steps = torch.arange(input.shape[0], device=input.device)
         return input, steps[:, None] < lengths[None, :], lengths
 
+    def _refuse_single_example(self, batch: int, steps: int) -> None:
+        """One line, before anything runs, where a batch norm in training would normalize a batch of one example.
+
+        Only an input term with `share_statistics_over_time` pools its statistics over time (vertical batch norm);
+        every other batch-norm term has statistics per timestep, over the batch alone."""
+        if batch != 1:
+            return
+        for name, module in self.named_children():
+            if isinstance(module, RecurrentBatchNorm) and module.training:
+                pooled = name.startswith("norm_ih") and module.share_statistics_over_time
+                refuse_single_example(steps if pooled else 1)
+
     def _between_layers(self, output: Tensor) -> Tensor:
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
         return output
@@ -374,6 +420,7 @@ class _RecurrentStack(nn.Module):
             raise ValueError("start_step continues a sequence fed in pieces, which a bidirectional layer cannot "
                              "read backwards: feed the whole sequence with start_step=0")
         input, mask, lengths = self._check_input(input, lengths, self.batch_first and packed is None)
+        self._refuse_single_example(input.shape[1], input.shape[0])
         states = self._initial_states(hx, input.shape[1], input)
         reverse_index = _reverse_index(lengths, input.shape[0]) if self.bidirectional else None
         layer_input = input
@@ -541,7 +588,8 @@ class LSTM(_RecurrentStack):
 
     def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
-        if self._uses_triton(x):
+        # An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
+        if self._uses_triton(x) and x.shape[1] > 0:
             from recurrent_bn import triton_lstm
 
             output, h, c = triton_lstm.lstm(

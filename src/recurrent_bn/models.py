@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn.errors import ConfigError
-from recurrent_bn.layers import LSTM, RNN
+from recurrent_bn.layers import LSTM, RNN, orthogonal_
 
 # A model config is exactly its layer's constructor arguments plus these two: `name` (the file) and `cell` (which
 # constructor). input_size comes from the task, and the tasks feed (T, B, features), so batch_first stays False.
@@ -29,7 +29,7 @@ def init_head_(head: nn.Linear, how: str) -> None:
     """The read-out's initialisation: "orthogonal" with a zero bias (the authors' W_y, b_y), or "torch"
     (nn.Linear's default)."""
     if how == "orthogonal":
-        nn.init.orthogonal_(head.weight)
+        orthogonal_(head.weight)  # never hangs under OMP_THREAD_LIMIT (layers.orthogonal_)
         nn.init.zeros_(head.bias)
 
 

@@ -13,12 +13,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+SINGLE_EXAMPLE = ("batch norm in training needs more than one example per batch: with one, each example is normalized "
+                  "by its own statistics and the output no longer depends on the input; use a batch of 2 or more, or "
+                  "call .eval() to normalize with the population statistics")
+
+
+def refuse_single_example(values: int) -> None:
+    """Raise `SINGLE_EXAMPLE` when training-mode batch statistics would be over `values` = 1 value per feature (as
+    `torch.nn.BatchNorm1d` does). A padded batch with one active example at some timestep is fine."""
+    if values == 1:
+        raise ValueError(SINGLE_EXAMPLE)
+
 
 def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mean and biased variance over the batch axis (-2) of `x` (..., B, F), counting only rows where `mask` (..., B).
 
-    A timestep with no active example gets mean 0 and variance 0 (its outputs are discarded by the caller).
+    A timestep with no active example, or a batch of none, gets mean 0 and variance 0 (its outputs are discarded by
+    the caller, and an update of the population statistics with count 0 changes nothing, where NaN would).
     """
+    if mask is None and x.shape[-2] == 0:
+        zeros = x.new_zeros(x.shape[:-2] + x.shape[-1:])
+        return zeros, zeros.clone()
     if mask is None:
         var, mean = torch.var_mean(x, dim=-2, correction=0)
         return mean, var
@@ -187,6 +202,7 @@ class RecurrentBatchNorm(nn.Module):
         if not self.training:
             mean, var = self.population_statistics(start_step, steps)
             return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+        refuse_single_example(x.shape[1] * (steps if self.share_statistics_over_time else 1))
         count = example_count(mask, steps, x.shape[1], x)
         if self.share_statistics_over_time:
             flat_mask = None if mask is None else mask.reshape(1, -1)

@@ -149,7 +149,11 @@ def lstm(
 
     Returns the output (T, B, H) and the final h and c.
     """
-    if fused and weight_ih is not None and _fused_covers(input_term, weight_ih, h, c, weight_hh):
+    # An empty batch runs the loop below, which returns empty outputs and states as torch.nn.LSTM does (the
+    # kernels cannot take one).
+    if fused and weight_ih is not None and input_term.shape[1] > 0 and _fused_covers(
+        input_term, weight_ih, h, c, weight_hh
+    ):
         from recurrent_bn import fused as fused_kernels
 
         return fused_kernels.lstm(
@@ -164,10 +168,21 @@ def lstm(
     steps, batch = input_term.shape[:2]
     recurrent = StepNorm(norm_hh, steps, mask, start_step)
     cell = StepNorm(norm_c, steps, mask, start_step)
+    output, h, c = lstm_loop(input_term, h, c, weight_hh, recurrent, cell, mask)
+    recurrent.finish(batch)
+    cell.finish(batch)
+    return output, h, c
+
+
+def lstm_loop(
+    input_term: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor, recurrent, cell, mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The LSTM's loop over time from its whole input term (T, B, 4H); `recurrent` and `cell` normalize their terms
+    at each step (`StepNorm`, or `DescribedNorm` when the compiled loops' backward recomputes through it)."""
     weight_hh_t = weight_hh.t()
     inputs = input_term.unbind(0)  # see StepNorm: indexing in the loop would make the backward quadratic in T
     outputs = []
-    for step in range(steps):
+    for step in range(input_term.shape[0]):
         h_next, c_next = lstm_step(inputs[step], h, c, weight_hh_t, recurrent, cell, step)
         if mask is None:
             h, c = h_next, c_next
@@ -177,9 +192,66 @@ def lstm(
             h = torch.where(active, h_next, h)
             c = torch.where(active, c_next, c)
             outputs.append(h_next * active)
-    recurrent.finish(batch)
-    cell.finish(batch)
     return torch.stack(outputs), h, c
+
+
+def gradients_with_graph(forward, inputs, needs, grad_outputs) -> list[Tensor | None]:
+    """Gradients of `forward(*inputs)` (weighted by `grad_outputs`) with respect to the inputs where `needs`, with
+    a graph for higher derivatives: the compiled loops' backward when `create_graph=True` (see `DescribedNorm`)."""
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+    wanted = [k for k, tensor in enumerate(inputs) if needs[k] and tensor is not None]
+    found = torch.autograd.grad(outputs, [inputs[k] for k in wanted], grad_outputs, create_graph=True,
+                                allow_unused=True)
+    grads: list[Tensor | None] = [None] * len(inputs)
+    for k, grad in zip(wanted, found, strict=True):
+        grads[k] = grad
+    return grads
+
+
+class DescribedNorm:
+    """One term normalized from its `norm.loop_term` description (kind, eps, [gamma, beta, scale, mean]) instead of
+    its module, with plain PyTorch operations: what the compiled loops (C++, Triton) compute, for autograd.
+
+    Their hand-written backward is a first derivative only; when a graph of the gradient is asked for
+    (`create_graph=True`, as a gradient penalty does) they recompute the forward through this and let autograd
+    differentiate it, so that second derivatives are right. No population statistics are updated here.
+    """
+
+    def __init__(self, kind: str, eps: float, tensors, mask: Tensor | None) -> None:
+        self.kind, self.eps, self.mask = kind, float(eps), mask
+        self.gamma, self.beta, self.scale, self.mean = tensors
+
+    def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
+        return y if self.beta is None else y + self.beta
+
+    def __call__(self, x: Tensor, step: int) -> Tensor:
+        """The term x (B, F) of timestep `step`."""
+        if self.kind == "none":
+            return x
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
+        if self.kind == "affine":
+            y = (x - self.mean[step]) * self.scale[step]
+            return y if self.beta is None else y + self.beta
+        if self.kind == "batch":
+            return self._normalize(x, *batch_statistics(x, None if self.mask is None else self.mask[step]))
+        raise ValueError(f"a '{self.kind}' term pools statistics over time: normalize it with `sequence`")
+
+    def sequence(self, x: Tensor) -> Tensor:
+        """The term x (T, B, F) of every timestep at once (the input term, whose "shared" statistics pool time)."""
+        if self.kind == "shared":
+            flat_mask = None if self.mask is None else self.mask.reshape(1, -1)
+            mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
+            return self._normalize(x, mean, var)
+        if self.kind == "batch":
+            mean, var = batch_statistics(x, self.mask)
+            return self._normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+        if self.kind == "affine":
+            y = (x - self.mean.unsqueeze(1)) * self.scale.unsqueeze(1)
+            return y if self.beta is None else y + self.beta
+        return self(x, 0)
 
 
 def lstm_step(

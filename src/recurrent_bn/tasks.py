@@ -120,6 +120,8 @@ class Task:
         was_training = model.training
         norms = batch_norms(model)
         saved = [[buffer.clone() for buffer in norm.buffers()] for norm in norms] if statistics == "batch" else []
+        if statistics == "batch" and norms:
+            batches = without_a_batch_of_one(batches)
         model.train(statistics == "batch")
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         metric_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -176,7 +178,24 @@ class Task:
             )
         else:
             iterator = data.text_eval_batches(self.splits["train"], self.cfg.seq_len, batch_size, device=self.device)
-        for index, (x, _) in enumerate(iterator):
+        for index, (x, _) in enumerate(without_a_batch_of_one(iterator)):
             if limit is not None and index >= limit:
                 return
             yield x
+
+
+def without_a_batch_of_one(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+    """`batches` (x (T, B, ...), y (B,) or (T, B)) with a last batch of one example joined to the one before it.
+
+    Batch statistics of one example normalize it to zero (the layers refuse it); a split whose size leaves a
+    remainder of one after full batches would otherwise end in that error, or before it in a meaningless batch."""
+    previous = None
+    for x, y in batches:
+        if previous is not None and x.shape[1] == 1:
+            yield torch.cat([previous[0], x], 1), torch.cat([previous[1], y], y.dim() - 1)
+            return
+        if previous is not None:
+            yield previous
+        previous = (x, y)
+    if previous is not None:
+        yield previous

@@ -9,6 +9,7 @@ its population statistics are re-estimated over the training set, as the paper r
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
@@ -59,7 +60,18 @@ def save_atomic(content: dict, path: Path) -> None:
     """torch.save to a temporary file, then rename: a crash mid-write never leaves a broken checkpoint."""
     temporary = path.with_suffix(".tmp")
     try:
-        torch.save(content, temporary)
+        try:
+            torch.save(content, temporary)
+        except OSError:
+            raise
+        except Exception:  # noqa: BLE001 - whatever torch's writer raised, the plain write below says why
+            # torch's zip writer reports a failed write as a RuntimeError ("[enforce fail at inline_container.cc]
+            # unexpected pos ..."), which hides a full disk from `is_disk_full`. Serialize in memory and write the
+            # bytes with plain OS writes: a full disk then raises OSError(ENOSPC), and a passing hiccup saves.
+            buffer = io.BytesIO()
+            torch.save(content, buffer)
+            with open(temporary, "wb") as file:
+                file.write(buffer.getbuffer())
     except BaseException:
         with contextlib.suppress(OSError):
             temporary.unlink()

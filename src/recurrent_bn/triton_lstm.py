@@ -20,6 +20,7 @@ imported (for tests: slow, one program after another).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -27,10 +28,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn.norm import example_count, loop_term
+from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
 # How a term is normalized; the kernels use the same numbers.
 NONE, BATCH, AFFINE, LAYER = 0, 1, 2, 3
 KINDS = {"none": NONE, "batch": BATCH, "affine": AFFINE, "layer": LAYER}
+KIND_NAMES = {code: name for name, code in KINDS.items()}
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
 INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
@@ -154,6 +157,7 @@ class TritonLSTMFunction(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, config, x, h0, c0, weight_hh, mask, *terms):
+        inputs = (x, h0, c0, weight_hh)  # as given: a second derivative recomputes from them (`backward`)
         x, h0, c0, weight_hh = x.contiguous(), h0.contiguous(), c0.contiguous(), weight_hh.contiguous()
         config["eps"] = config["eps"].to(x.dtype)
         recurrent, cell = list(terms[:4]), list(terms[4:])
@@ -162,14 +166,19 @@ class TritonLSTMFunction(torch.autograd.Function):
         ctx.config = config
         output = saved.pop("out")  # not kept on ctx: an output held by its own node would be a reference cycle
         ctx.saved = saved
-        ctx.save_for_backward(weight_hh, mask, *terms)
+        ctx.save_for_backward(*inputs, mask, *terms)
         return output, saved["h"][-1].clone(), saved["c"][-1].clone()
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output, grad_h, grad_c):
-        weight_hh, mask, *terms = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is a first derivative only, so recompute through the
+            # reference loop and let autograd differentiate that (second derivatives, e.g. a gradient penalty).
+            grads = gradients_with_graph(functools.partial(_reference, ctx.config), ctx.saved_tensors,
+                                         ctx.needs_input_grad[1:], (grad_output, grad_h, grad_c))
+            return None, *grads
+        _, _, _, weight_hh, mask, *terms = ctx.saved_tensors
         saved, config = ctx.saved, ctx.config
         kr, kc = config["kinds"]
         gates = saved["gates"]
@@ -204,6 +213,15 @@ class TritonLSTMFunction(torch.autograd.Function):
         term_grads = (_term_grads(kr, terms[:4], dgates, saved["rs"], needs[6:10])
                       + _term_grads(kc, terms[4:], dyc, saved["cs"], needs[10:14]))
         return (None, dgates, dh, dc, d_weight_hh, None, *term_grads)
+
+
+def _reference(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor, *terms
+               ) -> tuple[Tensor, Tensor, Tensor]:
+    """What the kernels compute from `TritonLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
+    active = mask > 0
+    recurrent, cell = (DescribedNorm(KIND_NAMES[kind], eps, terms[4 * k : 4 * k + 4], active)
+                       for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"].tolist(), strict=True)))
+    return lstm_loop(x, h0, c0, weight_hh, recurrent, cell, active)
 
 
 def _term_grads(kind: int, tensors, dy: Tensor, normalized: Tensor, needs) -> list[Tensor | None]:
