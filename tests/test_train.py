@@ -263,6 +263,41 @@ def test_wandb_runs_offline_without_network_or_key(tmp_path, monkeypatch, make_c
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
 
 
+STOP_ARGS = [*TASK_OVERRIDES["digits"], "model=bn_lstm", "model.hidden_size=8", "model.init_state_noise=0.1",
+             "trainer.max_steps=16", "trainer.log_every=4", "trainer.eval_every=8", "trainer.checkpoint_every=100",
+             "trainer.eval_batches=1", "trainer.estimate_batches=1", "logger=csv", "trainer.threads=1"]
+
+
+@pytest.mark.parametrize("stop_after", [6, 10, 13])
+def test_a_run_stopped_at_a_chosen_step_and_resumed_equals_an_uninterrupted_one(tmp_path, monkeypatch, make_cfg,
+                                                                                stop_after):
+    """SIGTERM raised by the run itself right after step `stop_after` (between two train rows, away from every
+    validation and periodic checkpoint), so last.pt holds a half-filled metrics window, moved optimizer and RNG
+    states (the initial-state noise draws from the torch RNG): each must be restored for the rows to match."""
+    from recurrent_bn import trainer
+
+    expected = train(make_cfg(*STOP_ARGS), tmp_path / "uninterrupted")
+    original, calls = trainer.training_step, []
+
+    def step_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler asks for a checkpoint and a stop
+
+    monkeypatch.setattr(trainer, "training_step", step_then_stop)
+    run_dir = tmp_path / "run"
+    stopped = train(make_cfg(*STOP_ARGS), run_dir)
+    assert stopped["status"] == "interrupted" and stopped["steps"] == stop_after
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == stop_after
+    assert stop_after % 4 and max(int(r["step"]) for r in read_metrics(run_dir)) < stop_after  # mid-window
+    monkeypatch.setattr(trainer, "training_step", original)
+    resumed = train(make_cfg(*STOP_ARGS, f"resume={run_dir}"), run_dir)
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
+    assert resumed["status"] == "completed"
+    assert (resumed["best_step"], resumed["test_metric"]) == (expected["best_step"], expected["test_metric"])
+
+
 # ------------------------------------------------------------------------------------------ subprocesses
 
 
