@@ -1,8 +1,8 @@
 """The drop-in features against independent formulations: bidirectional layers (torch.nn.LSTM for norm="none"; a
 forward layer over manually reversed valid parts for the normalized ones), PackedSequence (each sequence run alone,
-or each step over the sequences still running),
-the cells (a loop of `LSTMCell`/`RNNCell` against the layer, population statistics included) and per-term sharing
-of statistics over time (the paper's BN-e*, against a step-by-step transcription).
+or each step over the sequences still running), the cells (the paper's equations written out; a loop of cells
+against the layer, population statistics included) and per-term sharing of statistics over time (the paper's BN-e*,
+against a step-by-step transcription).
 
 Every test runs on each backend the build has, so the fused kernels are held to the same formulations.
 """
@@ -379,6 +379,74 @@ def test_a_loop_of_cells_equals_the_layer_in_training_and_evaluation(backend, ki
     assert_close(y1, y2)
     assert_close((s1 if lstm else (s1,))[0], s2[0][None])
     assert_states_close(cell_state(layer.state_dict()), cell.state_dict())  # evaluation updated nothing
+
+
+def masked_statistics(v, active):
+    """Mean and biased variance over the active rows (the paper's batch statistics of the running sequences)."""
+    return v[active].mean(0), v[active].var(0, unbiased=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_lstm_cell_computes_the_papers_equations_written_out(training):
+    """Eqs. 6-8: gates = BN(W_h h; γ_h) + BN(W_x x; γ_x) + b, c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g) (carried
+    un-normalized), h' = σ(o) ⊙ tanh(BN(c'; γ_c, β_c)); statistics of step t over the active rows in training, the
+    stored population statistics of slot t in evaluation; a masked row keeps its state; the population moves by
+    momentum towards the batch statistics (biased variance)."""
+    torch.manual_seed(11)
+    cell = randomize(rb.LSTMCell(3, 5, norm="bn", max_length=4, momentum=0.5)).train(training)
+    with torch.no_grad():  # population statistics that are not the initial zeros and ones
+        for norm in (cell.norm_ih, cell.norm_hh, cell.norm_c):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 1.5)
+            norm.trained_length.fill_(4)  # every slot estimated: evaluation reads slot t at step t
+    before = copy.deepcopy(cell.state_dict())
+    w = {k: v.detach() for k, v in cell.state_dict().items()}
+    x = torch.randn(3, 6, 3)
+    masks = [torch.ones(6, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
+             torch.tensor([1, 0, 0, 1, 0, 1], dtype=torch.bool)]
+    h, c = torch.randn(6, 5), torch.randn(6, 5)
+    state, expected_mean = (h, c), {name: before[f"{name}.running_mean"].clone() for name in ("norm_ih", "norm_hh",
+                                                                                               "norm_c")}
+    for t in range(3):
+        state = cell(x[t], state, step=t, mask=masks[t])
+        wx, wh = x[t] @ w["weight_ih"].T, h @ w["weight_hh"].T
+
+        def bn(v, name, beta=None, t=t):
+            if training:
+                mean, var = masked_statistics(v, masks[t])
+                expected_mean[name][t] = 0.5 * before[f"{name}.running_mean"][t] + 0.5 * mean
+            else:
+                mean, var = before[f"{name}.running_mean"][t], before[f"{name}.running_var"][t]
+            out = w[f"{name}.weight"] * (v - mean) / torch.sqrt(var + EPS)
+            return out if beta is None else out + beta
+
+        gates = bn(wh, "norm_hh") + bn(wx, "norm_ih") + w["bias"]
+        i, f, g, o = gates.chunk(4, 1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = torch.sigmoid(o) * torch.tanh(bn(c_next, "norm_c", w["norm_c.bias"]))
+        h = torch.where(masks[t][:, None], h_next, h)
+        c = torch.where(masks[t][:, None], c_next, c)
+        assert_close(state[0], h)
+        assert_close(state[1], c)
+    for name, mean in expected_mean.items():
+        assert_close(cell.state_dict()[f"{name}.running_mean"], mean)
+
+
+def test_bn_rnn_cell_computes_tanh_of_one_batch_norm_of_the_sum():
+    """The paper's Figure 1a RNN: h' = tanh(BN(W_x x + W_h h; γ, β)), statistics over the active rows."""
+    torch.manual_seed(12)
+    cell = randomize(rb.RNNCell(3, 5, norm="bn", max_length=4))
+    w = {k: v.detach() for k, v in cell.state_dict().items()}
+    x, h = torch.randn(3, 6, 3), torch.randn(6, 5)
+    masks = [torch.ones(6, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)] * 2
+    state = h
+    for t in range(3):
+        state = cell(x[t], state, step=t, mask=masks[t])
+        z = x[t] @ w["weight_ih"].T + h @ w["weight_hh"].T
+        mean, var = masked_statistics(z, masks[t])
+        h_next = torch.tanh(w["norm_sum.weight"] * (z - mean) / torch.sqrt(var + EPS) + w["norm_sum.bias"])
+        h = torch.where(masks[t][:, None], h_next, h)
+        assert_close(state, h)
 
 
 def test_lstm_cell_none_matches_torch_lstm_cell_and_rnn_cell_matches_torch_rnn_cell():
