@@ -221,7 +221,7 @@ def test_batch_statistics_copy_normalizes_with_each_minibatch_and_leaves_the_ori
         assert torch.equal(value, before[key]), key
 
 
-def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
+def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree, one_thread):
     runs_root = results_tree / "runs"
     bn_run = runs_root / "fig3_ptb" / "1"
     frame = analysis.bpc_vs_length(bn_run, lengths=[12, 30], batch_size=2, limit=3)
@@ -244,6 +244,16 @@ def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
     shared = summaries[summaries["share_statistics_over_time"] & (summaries["norm"] != "vbn")]
     assert set(shared["experiment"]) == {"fig7_shared_digits"}
     assert load_runs(runs_root / "nothing here").empty
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the analyses of tiny models: per-op synchronisation of two threads dominates them (and
+    costs ten times more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def copy_of_run(run_dir: Path, to: Path) -> Path:
@@ -281,7 +291,8 @@ def bits_by_hand(model, segments: torch.Tensor, batch_size: int) -> float:
     return bits / count
 
 
-def test_bpc_of_a_model_that_predicts_a_fixed_distribution_is_its_cross_entropy_in_bits(results_tree, tmp_path):
+def test_bpc_of_a_model_that_predicts_a_fixed_distribution_is_its_cross_entropy_in_bits(results_tree, tmp_path,
+                                                                                      one_thread):
     """Zero read-out weights make the model predict softmax(bias) at every step, whatever it read: uniform gives
     log2 V bits exactly; a bias of log q gives the cross-entropy -Σ_c n_c log2 q_c / N of the targets' counts n_c."""
     run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
@@ -315,7 +326,7 @@ def sharpen(state: dict) -> None:
                         + (0.7 if "norm" in key and key.endswith("weight") else 0.0))
 
 
-def test_bpc_vs_length_equals_log2_probabilities_by_hand_in_each_statistics_mode(results_tree, tmp_path):
+def test_bpc_vs_length_equals_log2_probabilities_by_hand_in_each_statistics_mode(results_tree, tmp_path, one_thread):
     """"population": the model in evaluation mode (final.pt's population statistics); "batch": the whole model in
     training mode (no dropout, no noise in this run), so each minibatch is normalized with its own statistics."""
     run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
@@ -333,7 +344,7 @@ def test_bpc_vs_length_equals_log2_probabilities_by_hand_in_each_statistics_mode
         assert frame["batch", length] == pytest.approx(batch, rel=1e-9)
 
 
-def test_only_the_population_mode_reads_the_population_statistics(results_tree, tmp_path):
+def test_only_the_population_mode_reads_the_population_statistics(results_tree, tmp_path, one_thread):
     """Shifting every stored population mean by 3 and dividing every variance by 1000 must change the "population"
     bpc and leave the "batch" bpc exactly as it was."""
     run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
