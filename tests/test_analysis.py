@@ -20,7 +20,7 @@ from torch.nn import functional as F
 import recurrent_bn
 from recurrent_bn import analysis
 from recurrent_bn.models import SequenceClassifier
-from recurrent_bn.runs import effective_norm_terms, load_runs, load_summaries, select
+from recurrent_bn.runs import effective_norm_terms, load_runs, load_summaries, load_trained_model, select
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -221,7 +221,7 @@ def test_batch_statistics_copy_normalizes_with_each_minibatch_and_leaves_the_ori
         assert torch.equal(value, before[key]), key
 
 
-def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
+def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree, one_thread):
     runs_root = results_tree / "runs"
     bn_run = runs_root / "fig3_ptb" / "1"
     frame = analysis.bpc_vs_length(bn_run, lengths=[12, 30], batch_size=2, limit=3)
@@ -244,6 +244,124 @@ def test_bpc_vs_length_and_loaders_on_real_short_runs(results_tree):
     shared = summaries[summaries["share_statistics_over_time"] & (summaries["norm"] != "vbn")]
     assert set(shared["experiment"]) == {"fig7_shared_digits"}
     assert load_runs(runs_root / "nothing here").empty
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the analyses of tiny models: per-op synchronisation of two threads dominates them (and
+    costs ten times more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def copy_of_run(run_dir: Path, to: Path) -> Path:
+    """A copy of a run's config, summary and final.pt, whose final.pt a test may change."""
+    to.mkdir(parents=True)
+    for name in ("config.yaml", "summary.json", "final.pt"):
+        (to / name).write_bytes((run_dir / name).read_bytes())
+    return to
+
+
+def edit_final(run_dir: Path, edit) -> None:
+    checkpoint = torch.load(run_dir / "final.pt", weights_only=True)
+    edit(checkpoint["model"])
+    torch.save(checkpoint, run_dir / "final.pt")
+
+
+def ptb_test_ids(results_tree) -> torch.Tensor:
+    """The PTB-format test split of the results tree, read from its files (not through the analysis)."""
+    from recurrent_bn import data
+
+    return data.load_ptb_chars(results_tree.parent / "data", verify=False)[0]["test"].long()
+
+
+def bits_by_hand(model, segments: torch.Tensor, batch_size: int) -> float:
+    """Mean -log2 p(next character) over consecutive full batches of `segments` (N, L), from log-softmax in float64:
+    the definition of bits per character, written out."""
+    bits, count = 0.0, 0
+    for start in range(0, len(segments) - batch_size + 1, batch_size):
+        batch = segments[start : start + batch_size].t()  # (L, B)
+        with torch.no_grad():
+            logits, _ = model(batch[:-1])
+        log_p = torch.log_softmax(logits.double(), -1).gather(-1, batch[1:, :, None])
+        bits -= float(log_p.sum()) / math.log(2)
+        count += batch[1:].numel()
+    return bits / count
+
+
+def test_bpc_of_a_model_that_predicts_a_fixed_distribution_is_its_cross_entropy_in_bits(results_tree, tmp_path,
+                                                                                      one_thread):
+    """Zero read-out weights make the model predict softmax(bias) at every step, whatever it read: uniform gives
+    log2 V bits exactly; a bias of log q gives the cross-entropy -Σ_c n_c log2 q_c / N of the targets' counts n_c."""
+    run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
+    vocabulary = torch.load(run / "final.pt", weights_only=True)["model"]["head.bias"].numel()
+    edit_final(run, lambda state: (state["head.weight"].zero_(), state["head.bias"].zero_()))
+    uniform = analysis.bpc_vs_length(run, lengths=[12, 30], batch_size=2)
+    assert set(uniform["mode"]) == {"population", "batch"}
+    np.testing.assert_allclose(uniform["bpc"], math.log2(vocabulary), rtol=1e-12)
+
+    generator = np.random.default_rng(0)
+    q = generator.dirichlet(np.ones(vocabulary))
+    edit_final(run, lambda state: state["head.bias"].copy_(torch.from_numpy(np.log(q))))
+    ids = ptb_test_ids(results_tree)
+    for length in (12, 30):
+        frame = analysis.bpc_vs_length(run, lengths=[length], batch_size=2)
+        segments = ids[: len(ids) // length * length].view(-1, length)
+        segments = segments[: len(segments) // 2 * 2]  # full batches of 2 only
+        counts = np.bincount(segments[:, 1:].reshape(-1).numpy(), minlength=vocabulary)
+        expected = -(counts * np.log2(q)).sum() / counts.sum()
+        np.testing.assert_allclose(frame["bpc"], expected, rtol=1e-6)  # log q stored in float32
+        assert (frame["characters"] == counts.sum()).all()
+
+
+def sharpen(state: dict) -> None:
+    """Random weights of unit scale in place of the 6-step run's (whose predictions are nearly uniform whatever its
+    statistics): the modes then differ by far more than rounding. The stored population statistics stay."""
+    generator = torch.Generator().manual_seed(0)
+    for key, value in state.items():
+        if key.endswith(("weight", "bias")) or "weight_" in key or "bias_" in key:
+            value.copy_(torch.randn(value.shape, generator=generator) * (0.3 if "norm" in key else 1.0)
+                        + (0.7 if "norm" in key and key.endswith("weight") else 0.0))
+
+
+def test_bpc_vs_length_equals_log2_probabilities_by_hand_in_each_statistics_mode(results_tree, tmp_path, one_thread):
+    """"population": the model in evaluation mode (final.pt's population statistics); "batch": the whole model in
+    training mode (no dropout, no noise in this run), so each minibatch is normalized with its own statistics."""
+    run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
+    edit_final(run, sharpen)
+    model, cfg = load_trained_model(run)
+    assert float(cfg.model.dropout) == 0 and float(cfg.model.init_state_noise) == 0
+    frame = analysis.bpc_vs_length(run, lengths=[12, 30], batch_size=2).set_index(["mode", "length"])["bpc"]
+    ids = ptb_test_ids(results_tree)
+    for length in (12, 30):
+        segments = ids[: len(ids) // length * length].view(-1, length)
+        population = bits_by_hand(copy.deepcopy(model).eval(), segments, 2)
+        batch = bits_by_hand(copy.deepcopy(model).train(), segments, 2)
+        assert abs(population - batch) > 0.1  # the modes differ here, so a swap cannot pass
+        assert frame["population", length] == pytest.approx(population, rel=1e-9)
+        assert frame["batch", length] == pytest.approx(batch, rel=1e-9)
+
+
+def test_only_the_population_mode_reads_the_population_statistics(results_tree, tmp_path, one_thread):
+    """Shifting every stored population mean by 3 and dividing every variance by 1000 must change the "population"
+    bpc and leave the "batch" bpc exactly as it was."""
+    run = copy_of_run(results_tree / "runs" / "fig3_ptb" / "1", tmp_path / "run")
+    edit_final(run, sharpen)
+    before = analysis.bpc_vs_length(run, lengths=[12], batch_size=2).set_index("mode")["bpc"]
+
+    def corrupt(state):
+        for key, value in state.items():
+            if key.endswith("running_mean"):
+                value.add_(3.0)
+            elif key.endswith("running_var"):
+                value.mul_(1e-3)
+
+    edit_final(run, corrupt)
+    after = analysis.bpc_vs_length(run, lengths=[12], batch_size=2).set_index("mode")["bpc"]
+    assert after["batch"] == before["batch"]
+    assert abs(after["population"] - before["population"]) > 0.1
 
 
 def test_a_run_without_its_checkpoints_says_why_and_what_to_do(results_tree, tmp_path):

@@ -1,7 +1,8 @@
 """The drop-in features against independent formulations: bidirectional layers (torch.nn.LSTM for norm="none"; a
-forward layer over manually reversed valid parts for the normalized ones), PackedSequence (the `lengths` call),
-the cells (a loop of `LSTMCell`/`RNNCell` against the layer, population statistics included) and per-term sharing
-of statistics over time (the paper's BN-e*, against a step-by-step transcription).
+forward layer over manually reversed valid parts for the normalized ones), PackedSequence (each sequence run alone,
+or each step over the sequences still running), the cells (the paper's equations written out; a loop of cells
+against the layer, population statistics included) and per-term sharing of statistics over time (the paper's BN-e*,
+against a step-by-step transcription).
 
 Every test runs on each backend the build has, so the fused kernels are held to the same formulations.
 """
@@ -219,7 +220,12 @@ def test_bidirectional_reverse_direction_reads_the_valid_part_backwards_at_step_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# PackedSequence: the same as the lengths call
+# PackedSequence: each sequence's valid part run alone (evaluation), or each step run over the sequences still
+# running (training): compositions of plain calls without lengths, so that nothing of the lengths path is shared
+
+
+def states_of(state):
+    return state if isinstance(state, tuple) else (state,)
 
 
 @pytest.mark.parametrize("cls,kwargs", [
@@ -228,30 +234,71 @@ def test_bidirectional_reverse_direction_reads_the_valid_part_backwards_at_step_
     (rb.LSTM, {"norm": "bn", "share_statistics_over_time": ("input",), "bidirectional": True}),
     (rb.RNN, {"norm": "bn", "bidirectional": True, "num_layers": 2}),
 ], ids=["bilstm", "lstm-batch-first", "bilstm-bn-e*", "birnn"])
-def test_packed_sequence_equals_the_lengths_call(backend, cls, kwargs):
+def test_packed_sequence_in_evaluation_equals_each_sequence_run_alone(backend, cls, kwargs):
     torch.manual_seed(4)
     batch_first = kwargs.get("batch_first", False)
-    a = randomize(cls(3, 4, max_length=5, momentum=0.5, backend=backend, **kwargs))
-    b = copy.deepcopy(a)
+    m = randomize(cls(3, 4, max_length=5, momentum=0.5, backend=backend, **kwargs))
+    m(torch.randn(5, 7, 3) if batch_first else torch.randn(7, 5, 3))  # population statistics from a training pass
+    m.eval()
     lengths = torch.tensor([3, 7, 1, 5, 7])
-    x = torch.randn(5, 7, 3) if batch_first else torch.randn(7, 5, 3)
-    x.requires_grad_(True)
-    y_a, s_a = a(x, lengths=lengths)
+    x = (torch.randn(5, 7, 3) if batch_first else torch.randn(7, 5, 3)).requires_grad_(True)
     packed_in = pack_padded_sequence(x, lengths, batch_first=batch_first, enforce_sorted=False)
-    y_b, s_b = b(packed_in)
-    assert isinstance(y_b, PackedSequence)
-    assert torch.equal(y_b.batch_sizes, packed_in.batch_sizes)
-    assert torch.equal(y_b.sorted_indices, packed_in.sorted_indices)
-    padded, out_lengths = pad_packed_sequence(y_b, batch_first=batch_first, total_length=7)
+    y, state = m(packed_in)
+    assert isinstance(y, PackedSequence)
+    assert torch.equal(y.batch_sizes, packed_in.batch_sizes)
+    assert torch.equal(y.sorted_indices, packed_in.sorted_indices)
+    padded, out_lengths = pad_packed_sequence(y, batch_first=batch_first, total_length=7)
     assert torch.equal(out_lengths, lengths)
-    s_a, s_b = (s_a,) if cls is rb.RNN else s_a, (s_b,) if cls is rb.RNN else s_b
-    for u, v in zip((y_a, *s_a), (padded, *s_b), strict=True):
+    generator = torch.Generator().manual_seed(7)
+    weights = torch.randn(padded.shape, generator=generator)
+    state_weights = [torch.randn(s.shape, generator=generator) for s in states_of(state)]
+    loss = (padded * weights).sum() + sum((s * w).sum() for s, w in zip(states_of(state), state_weights, strict=True))
+    alone_loss = 0
+    for b, n in enumerate(lengths.tolist()):
+        part = x[b : b + 1, :n] if batch_first else x[:n, b : b + 1]
+        y_b, state_b = m(part)
+        ours = padded[b : b + 1, :n] if batch_first else padded[:n, b : b + 1]
+        assert_close(ours, y_b)
+        padding = padded[b, n:] if batch_first else padded[n:, b]
+        assert torch.equal(padding, torch.zeros_like(padding))
+        for s, s_b in zip(states_of(state), states_of(state_b), strict=True):
+            assert_close(s[:, b : b + 1], s_b)
+        w = weights[b : b + 1, :n] if batch_first else weights[:n, b : b + 1]
+        alone_loss = alone_loss + (y_b * w).sum() + sum(
+            (s_b * sw[:, b : b + 1]).sum() for s_b, sw in zip(states_of(state_b), state_weights, strict=True))
+    for u, v in zip(torch.autograd.grad(loss, [x, *m.parameters()]),
+                    torch.autograd.grad(alone_loss, [x, *m.parameters()]), strict=True):
         assert_close(u, v)
-    g_a = torch.autograd.grad(weighted_loss(y_a, s_a), [x, *a.parameters()])
-    g_b = torch.autograd.grad(weighted_loss(padded, s_b), [x, *b.parameters()])
-    for u, v in zip(g_a, g_b, strict=True):
-        assert_close(u, v)
-    assert_states_close(a.state_dict(), b.state_dict())
+
+
+@pytest.mark.parametrize("cls,kwargs", [(rb.LSTM, {"norm": "bn"}), (rb.RNN, {"norm": "bn"}),
+                                        (rb.RNN, {"norm": "bn", "norm_placement": "separate"})],
+                         ids=["lstm", "rnn-sum", "rnn-separate"])
+def test_packed_sequence_in_training_normalizes_each_step_over_the_sequences_still_running(backend, cls, kwargs):
+    """Batch statistics at step t are those of the sequences with length > t: the same as a one-step call (plain,
+    without lengths) on just those sequences, the population statistics included."""
+    torch.manual_seed(5)
+    m = randomize(cls(3, 4, max_length=10, momentum=0.5, backend=backend, **kwargs))
+    composed = copy.deepcopy(m)
+    lengths = torch.tensor([3, 7, 2, 5, 7, 4])
+    x = torch.randn(7, 6, 3)
+    y, state = m(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    padded, _ = pad_packed_sequence(y, total_length=7)
+    lstm = cls is rb.LSTM
+    running = [torch.zeros(1, 6, 4) for _ in range(2 if lstm else 1)]
+    expected = torch.zeros(7, 6, 4)
+    for t in range(7):
+        active = lengths > t
+        hx = tuple(s[:, active] for s in running) if lstm else running[0][:, active]
+        y_t, new = composed(x[t : t + 1, active], hx, start_step=t)
+        expected[t, active] = y_t[0]
+        for s, n in zip(running, states_of(new), strict=True):
+            s[:, active] = n
+    assert_close(padded, expected)
+    for s, r in zip(states_of(state), running, strict=True):
+        assert_close(s, r)
+    statistics = {k: v for k, v in m.state_dict().items() if "running_" in k}
+    assert statistics and all(torch.allclose(v, composed.state_dict()[k], atol=1e-10) for k, v in statistics.items())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -332,6 +379,74 @@ def test_a_loop_of_cells_equals_the_layer_in_training_and_evaluation(backend, ki
     assert_close(y1, y2)
     assert_close((s1 if lstm else (s1,))[0], s2[0][None])
     assert_states_close(cell_state(layer.state_dict()), cell.state_dict())  # evaluation updated nothing
+
+
+def masked_statistics(v, active):
+    """Mean and biased variance over the active rows (the paper's batch statistics of the running sequences)."""
+    return v[active].mean(0), v[active].var(0, unbiased=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_bn_lstm_cell_computes_the_papers_equations_written_out(training):
+    """Eqs. 6-8: gates = BN(W_h h; γ_h) + BN(W_x x; γ_x) + b, c' = σ(f) ⊙ c + σ(i) ⊙ tanh(g) (carried
+    un-normalized), h' = σ(o) ⊙ tanh(BN(c'; γ_c, β_c)); statistics of step t over the active rows in training, the
+    stored population statistics of slot t in evaluation; a masked row keeps its state; the population moves by
+    momentum towards the batch statistics (biased variance)."""
+    torch.manual_seed(11)
+    cell = randomize(rb.LSTMCell(3, 5, norm="bn", max_length=4, momentum=0.5)).train(training)
+    with torch.no_grad():  # population statistics that are not the initial zeros and ones
+        for norm in (cell.norm_ih, cell.norm_hh, cell.norm_c):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.5, 1.5)
+            norm.trained_length.fill_(4)  # every slot estimated: evaluation reads slot t at step t
+    before = copy.deepcopy(cell.state_dict())
+    w = {k: v.detach() for k, v in cell.state_dict().items()}
+    x = torch.randn(3, 6, 3)
+    masks = [torch.ones(6, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool),
+             torch.tensor([1, 0, 0, 1, 0, 1], dtype=torch.bool)]
+    h, c = torch.randn(6, 5), torch.randn(6, 5)
+    state, expected_mean = (h, c), {name: before[f"{name}.running_mean"].clone() for name in ("norm_ih", "norm_hh",
+                                                                                               "norm_c")}
+    for t in range(3):
+        state = cell(x[t], state, step=t, mask=masks[t])
+        wx, wh = x[t] @ w["weight_ih"].T, h @ w["weight_hh"].T
+
+        def bn(v, name, beta=None, t=t):
+            if training:
+                mean, var = masked_statistics(v, masks[t])
+                expected_mean[name][t] = 0.5 * before[f"{name}.running_mean"][t] + 0.5 * mean
+            else:
+                mean, var = before[f"{name}.running_mean"][t], before[f"{name}.running_var"][t]
+            out = w[f"{name}.weight"] * (v - mean) / torch.sqrt(var + EPS)
+            return out if beta is None else out + beta
+
+        gates = bn(wh, "norm_hh") + bn(wx, "norm_ih") + w["bias"]
+        i, f, g, o = gates.chunk(4, 1)
+        c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_next = torch.sigmoid(o) * torch.tanh(bn(c_next, "norm_c", w["norm_c.bias"]))
+        h = torch.where(masks[t][:, None], h_next, h)
+        c = torch.where(masks[t][:, None], c_next, c)
+        assert_close(state[0], h)
+        assert_close(state[1], c)
+    for name, mean in expected_mean.items():
+        assert_close(cell.state_dict()[f"{name}.running_mean"], mean)
+
+
+def test_bn_rnn_cell_computes_tanh_of_one_batch_norm_of_the_sum():
+    """The paper's Figure 1a RNN: h' = tanh(BN(W_x x + W_h h; γ, β)), statistics over the active rows."""
+    torch.manual_seed(12)
+    cell = randomize(rb.RNNCell(3, 5, norm="bn", max_length=4))
+    w = {k: v.detach() for k, v in cell.state_dict().items()}
+    x, h = torch.randn(3, 6, 3), torch.randn(6, 5)
+    masks = [torch.ones(6, dtype=torch.bool), torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)] * 2
+    state = h
+    for t in range(3):
+        state = cell(x[t], state, step=t, mask=masks[t])
+        z = x[t] @ w["weight_ih"].T + h @ w["weight_hh"].T
+        mean, var = masked_statistics(z, masks[t])
+        h_next = torch.tanh(w["norm_sum.weight"] * (z - mean) / torch.sqrt(var + EPS) + w["norm_sum.bias"])
+        h = torch.where(masks[t][:, None], h_next, h)
+        assert_close(state, h)
 
 
 def test_lstm_cell_none_matches_torch_lstm_cell_and_rnn_cell_matches_torch_rnn_cell():

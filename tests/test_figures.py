@@ -6,6 +6,7 @@ The tree is the session fixture `results_tree` of conftest.py (test_analysis.py 
 
 from __future__ import annotations
 
+import csv
 import sys
 from pathlib import Path
 
@@ -71,6 +72,36 @@ def test_figure_2_draws_one_line_per_run_and_names_missing_models(results, tmp_p
     assert "missing digits models: vbn_lstm, ln_lstm" in texts_of(fewer)
 
 
+def valid_curves_from_files(run_dirs, metric: str) -> list[list[tuple[float, float]]]:
+    """Each run's validation rows (step, metric), read from its metrics.csv with the csv module (not through
+    load_runs), sorted: what a validation figure must plot."""
+    curves = []
+    for run_dir in run_dirs:
+        with (Path(run_dir) / "metrics.csv").open(newline="") as handle:
+            rows = [row for row in csv.DictReader(handle) if row["split"] == "valid"]
+        assert rows, run_dir
+        curves.append([(float(row["step"]), float(row[metric])) for row in rows])
+    return sorted(curves)
+
+
+def drawn_curves(ax) -> list[list[tuple[float, float]]]:
+    """The plotted data of an axes' curves (the paper's values are dotted horizontal lines, left out)."""
+    return sorted([tuple(map(float, point)) for point in line.get_xydata()]
+                  for line in ax.get_lines() if line.get_linestyle() != ":")
+
+
+@pytest.mark.parametrize("name,prefix,metric", [("figure_2", "fig2", "acc"), ("figure_3a", "fig3", "bpc"),
+                                                ("figure_8", "fig8", "acc")])
+def test_validation_figures_plot_exactly_each_runs_validation_rows(results, name, prefix, metric):
+    runs = results.runs_of(prefix)
+    fig = getattr(figures, name)(runs, results.reference) if name != "figure_8" else figures.figure_8(runs)
+    panel = fig.axes[0]
+    expected = valid_curves_from_files(runs["run_dir"].unique(), metric)
+    assert len(expected) >= 2 and drawn_curves(panel) == expected
+    train_steps = {int(s) for s in runs.loc[runs["split"] == "train", "step"]}
+    assert {x for curve in drawn_curves(panel) for x, _ in curve} != train_steps
+
+
 def test_figure_2_shows_the_papers_values_for_the_mnist_tasks(results):
     runs = results.runs_of("fig2").assign(task="pmnist")  # relabelled in memory only, to reach the pMNIST panel
     fig = figures.figure_2(runs, results.reference)
@@ -85,6 +116,13 @@ def test_figure_3a_and_3b_put_the_papers_values_beside_ours(results, tmp_path):
     assert [line.get_label() for line in ours.get_lines()] == [
         "LSTM", "BN-LSTM, population statistics", "BN-LSTM, batch statistics"]
     assert paper.get_lines()[1].get_ydata().tolist() == [1.398, 1.333]
+    with (results.root / "analysis" / "fig3b_bpc_vs_length.csv").open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    for line, (model, mode) in zip(ours.get_lines(), [("lstm", "none"), ("bn_lstm", "population"),
+                                                      ("bn_lstm", "batch")], strict=True):
+        expected = sorted((float(r["length"]), float(r["bpc"])) for r in table
+                          if (r["model"], r["mode"]) == (model, mode))
+        assert [tuple(map(float, point)) for point in line.get_xydata()] == expected, (model, mode)
 
 
 def test_figure_5_draws_every_sampled_unit_and_names_the_run(results, tmp_path):
@@ -122,6 +160,10 @@ def test_figure_7_separates_shared_statistics_and_term_ablations(results, tmp_pa
         "BN of input+recurrent+cell", "BN of input+recurrent+cell, shared over time", "LSTM (no normalization)"]
     assert {line.get_linestyle() for line in shared.get_lines()} == {"-", "--"}
     assert len(terms.get_lines()) == 4 and saves(fig, tmp_path)
+    runs = results.runs_of("fig7")
+    every_run = valid_curves_from_files(runs["run_dir"].unique(), "acc")
+    for panel in (shared, terms):  # each curve is one run's validation rows
+        assert all(curve in every_run for curve in drawn_curves(panel))
 
 
 def test_figure_8_compares_the_tanh_question_models_and_their_gradient_flow(results, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import json
 import os
 import pty
@@ -77,6 +78,37 @@ def test_a_second_process_cannot_write_a_run_directory_in_use(tmp_path):
         first.terminate()
         first.wait(timeout=600)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+
+
+def kernel_lock_is_free(run_dir: Path) -> bool:
+    """Whether a new open file description can take the exclusive flock on `<run_dir>/.lock` now, as another process
+    would try: flock locks belong to open file descriptions, so this sees the claim of this very process too."""
+    with (run_dir / ".lock").open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_claim_holds_the_kernel_lock_and_a_held_lock_refuses_the_claim_and_the_trainer(tmp_path, make_cfg):
+    run_dir = tmp_path / "run"
+    with claim(run_dir):
+        assert not kernel_lock_is_free(run_dir)
+        assert f"pid {os.getpid()}" in (run_dir / ".lock").read_text()
+    assert kernel_lock_is_free(run_dir)  # released at the end of the claim
+
+    # Another holder (a second open of the lock file stands for a second process): the claim and train() refuse.
+    with (run_dir / ".lock").open("a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("pid 999999 on elsewhere\n")
+        other.flush()
+        with pytest.raises(RunDirBusy, match="in use by pid 999999 on elsewhere"), claim(run_dir):
+            pass
+        with pytest.raises(RunDirBusy, match="two runs must not write one run directory"):
+            train(make_cfg(*SMALL, "trainer.max_steps=2"), run_dir)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]  # the refused run wrote nothing
 
 
 # ------------------------------------------------- 2, 4, 5. resume keeps the record, composes, and tests once

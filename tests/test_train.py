@@ -88,7 +88,11 @@ def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(
             assert float(row["grad_norm"]) > 0 and float(row["lr"]) > 0 and float(row["seq_per_s"]) > 0
     saved = json.loads((run / "summary.json").read_text())
     assert saved["status"] == "completed" and saved["steps"] == 6 and saved["metric"] == metric
-    assert saved["test_metric"] == summary["test_metric"] and saved["best_step"] in (3, 6)
+    assert saved["test_metric"] == summary["test_metric"]
+    # the kept checkpoint is the best of the logged validations (the earliest of ties), and it is the one tested
+    best_step, best_value = first_best(rows, metric)
+    assert saved["best_step"] == best_step and saved["best_valid_metric"] == pytest.approx(best_value, rel=1e-6)
+    assert saved["test_step"] == best_step and int(rows[-1]["step"]) == best_step
     assert saved["config"]["task"]["name"] == task and saved["torch_version"] == torch.__version__
     if task in ("pmnist", "smnist", "digits"):  # a plain LSTM has no population statistics to re-estimate
         assert ("re-estimated" in saved["test_protocol"]) == (model == "bn_lstm")
@@ -98,6 +102,64 @@ def test_each_task_trains_end_to_end_and_leaves_metrics_summary_and_checkpoints(
     if task == "pmnist":
         order = json.loads((run / "pixel_order.json").read_text())["order"]
         assert sorted(order) == list(range(784))
+
+
+def first_best(rows: list[dict], metric: str) -> tuple[int, float]:
+    """The step and value of the best validation row (highest accuracy, lowest bpc; the earliest of ties)."""
+    valid = [(int(r["step"]), float(r[metric])) for r in rows if r["split"] == "valid"]
+    best = max(v for _, v in valid) if metric == "acc" else min(v for _, v in valid)
+    return next((step, v) for step, v in valid if v == best)
+
+
+# Validation scores scripted to rise, fall below the first, and recover part way: the 2nd of 4 is the best, the 3rd
+# the worst, so keeping the first, the last or the worst all give another step than 6.
+SCRIPTED = {"acc": [0.3, 0.7, 0.2, 0.5], "bpc": [2.0, 1.4, 2.5, 1.9]}
+
+
+@pytest.mark.parametrize("task,model,select_by", [("digits", "lstm", "metric"), ("digits", "bn_lstm", "error"),
+                                                  ("ptb", "lstm", "metric"), ("ptb", "lstm", "error")])
+def test_the_best_validation_is_kept_and_the_test_row_scores_exactly_its_weights(tmp_path, data_root, monkeypatch,
+                                                                                  make_cfg, task, model, select_by):
+    from recurrent_bn import trainer
+
+    metric = "acc" if task == "digits" else "bpc"
+    original, snapshots = trainer.validate_once, []
+
+    def scripted_validation(task_, model_, trainer_cfg):
+        result = dict(original(task_, model_, trainer_cfg))
+        value = SCRIPTED[metric][len(snapshots)]
+        result[metric] = value
+        result["error"] = 1 - value if metric == "acc" else value / 10  # the same ranking as the metric
+        snapshots.append({k: v.clone() for k, v in model_.state_dict().items()})
+        return result
+
+    monkeypatch.setattr(trainer, "validate_once", scripted_validation)
+    cfg = make_cfg(*TASK_OVERRIDES[task], f"model={model}", *TINY, "trainer.max_steps=12", "trainer.eval_every=3",
+                   f"trainer.select_by={select_by}", "trainer.estimate_batches=2", "trainer.eval_batches=1",
+                   f"data.root={data_root}")
+    summary = train(cfg, tmp_path / "run")
+    assert len(snapshots) == 4
+    assert summary["best_step"] == 6 and summary["test_step"] == 6
+    assert summary["best_valid_metric"] == SCRIPTED[metric][1]
+    assert first_best(read_metrics(tmp_path / "run"), metric) == (6, SCRIPTED[metric][1])
+    selected = snapshots[1]
+    for name in ("best.pt", "final.pt"):  # the parameters of step 6 (final.pt's statistics are re-estimated)
+        state = torch.load(tmp_path / "run" / name, weights_only=True)["model"]
+        for key, value in selected.items():
+            if "running_" not in key and "num_batches" not in key and "trained_length" not in key:
+                assert torch.equal(state[key], value), (name, key)
+    # The test row: step 6's weights scored from scratch (statistics re-estimated over 2 training batches)
+    rebuilt = build_model(cfg)
+    rebuilt.load_state_dict(selected)
+    scoring = Task(cfg.task, torch.device("cpu"), seed=cfg.seed, data_root=data_root, verify=False)
+    if model == "bn_lstm":
+        estimate_population_statistics(rebuilt, scoring.estimation_inputs(2))
+    expected = (scoring.evaluate_stream(rebuilt, "test") if task == "ptb"
+                else scoring.evaluate(rebuilt, scoring.batches("test")))
+    test_row = [r for r in read_metrics(tmp_path / "run") if r["split"] == "test"][0]
+    assert int(test_row["step"]) == 6
+    assert float(test_row[metric]) == pytest.approx(expected[metric], rel=1e-6)
+    assert summary["test_metric"] == pytest.approx(expected[metric], rel=1e-6)
 
 
 def test_population_statistics_are_re_estimated_before_the_test(tmp_path, data_root, make_cfg):
@@ -199,6 +261,41 @@ def test_wandb_runs_offline_without_network_or_key(tmp_path, monkeypatch, make_c
     assert summary["status"] == "completed"
     assert len(read_metrics(tmp_path / "run")) > 0
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+STOP_ARGS = [*TASK_OVERRIDES["digits"], "model=bn_lstm", "model.hidden_size=8", "model.init_state_noise=0.1",
+             "trainer.max_steps=16", "trainer.log_every=4", "trainer.eval_every=8", "trainer.checkpoint_every=100",
+             "trainer.eval_batches=1", "trainer.estimate_batches=1", "logger=csv", "trainer.threads=1"]
+
+
+@pytest.mark.parametrize("stop_after", [6, 10, 13])
+def test_a_run_stopped_at_a_chosen_step_and_resumed_equals_an_uninterrupted_one(tmp_path, monkeypatch, make_cfg,
+                                                                                stop_after):
+    """SIGTERM raised by the run itself right after step `stop_after` (between two train rows, away from every
+    validation and periodic checkpoint), so last.pt holds a half-filled metrics window, moved optimizer and RNG
+    states (the initial-state noise draws from the torch RNG): each must be restored for the rows to match."""
+    from recurrent_bn import trainer
+
+    expected = train(make_cfg(*STOP_ARGS), tmp_path / "uninterrupted")
+    original, calls = trainer.training_step, []
+
+    def step_then_stop(*args, **kwargs):
+        original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler asks for a checkpoint and a stop
+
+    monkeypatch.setattr(trainer, "training_step", step_then_stop)
+    run_dir = tmp_path / "run"
+    stopped = train(make_cfg(*STOP_ARGS), run_dir)
+    assert stopped["status"] == "interrupted" and stopped["steps"] == stop_after
+    assert torch.load(run_dir / "last.pt", weights_only=True)["step"] == stop_after
+    assert stop_after % 4 and max(int(r["step"]) for r in read_metrics(run_dir)) < stop_after  # mid-window
+    monkeypatch.setattr(trainer, "training_step", original)
+    resumed = train(make_cfg(*STOP_ARGS, f"resume={run_dir}"), run_dir)
+    assert without_timing(read_metrics(run_dir)) == without_timing(read_metrics(tmp_path / "uninterrupted"))
+    assert resumed["status"] == "completed"
+    assert (resumed["best_step"], resumed["test_metric"]) == (expected["best_step"], expected["test_metric"])
 
 
 # ------------------------------------------------------------------------------------------ subprocesses

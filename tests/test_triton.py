@@ -355,10 +355,30 @@ def test_auto_on_cpu_never_takes_the_triton_path_and_off_cpu_never_the_fused_one
     assert triton_lstm.covers(torch.empty(1)) is False
 
 
-def test_rnn_with_backend_triton_runs_the_reference_loop():
+def test_rnn_with_backend_triton_is_torch_rnn_without_norm_and_the_bn_rnn_equations_with_it():
+    """The RNN has no Triton kernels: backend="triton" must still compute the RNN. Against torch.nn.RNN (norm
+    "none", same state dict) and against a float64 transcription of h_t = tanh(BN(W_x x_t + W_h h_{t-1}; γ, β))
+    with per-timestep batch statistics in training, the stored population statistics in evaluation."""
     torch.manual_seed(0)
-    model = rb.RNN(2, 3, norm="bn", backend="triton")
-    reference = copy.deepcopy(model)
-    reference.backend = "reference"
-    x = torch.randn(4, 2, 2)
-    assert torch.equal(model(x)[0], reference(x)[0])
+    x = torch.randn(5, 4, 2, dtype=torch.float64)
+    ours = rb.RNN(2, 3, backend="triton").double()
+    theirs = torch.nn.RNN(2, 3).double()
+    theirs.load_state_dict(ours.state_dict())
+    for a, b in zip(ours(x), theirs(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+    model = randomize(rb.RNN(2, 3, norm="bn", max_length=5, backend="triton")).double()
+    w_ih, w_hh = model.weight_ih_l0, model.weight_hh_l0
+    norm = model.norm_l0
+    for training in (True, False):
+        model.train(training)
+        mean, var = norm.running_mean.clone(), norm.running_var.clone()  # what evaluation reads
+        output, h_n = model(x)
+        h, expected = torch.zeros(4, 3, dtype=torch.float64), []
+        for t in range(5):
+            z = x[t] @ w_ih.T + h @ w_hh.T
+            m, v = (z.mean(0), z.var(0, unbiased=False)) if training else (mean[t], var[t])
+            h = torch.tanh(norm.weight * (z - m) / torch.sqrt(v + 1e-5) + norm.bias)
+            expected.append(h)
+        torch.testing.assert_close(output, torch.stack(expected), rtol=0, atol=1e-12)
+        torch.testing.assert_close(h_n[0], h, rtol=0, atol=1e-12)
