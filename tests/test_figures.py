@@ -110,7 +110,7 @@ def test_figure_2_shows_the_papers_values_for_the_mnist_tasks(results):
 
 def test_figure_3a_and_3b_put_the_papers_values_beside_ours(results, tmp_path):
     fig = figures.figure_3a(results.runs_of("fig3"), results.reference)
-    assert lines_of(fig) == 4 and "paper test BN-LSTM: 1.32" in labels_of(fig) and saves(fig, tmp_path)
+    assert lines_of(fig) == 5 and "paper BN-LSTM @ 0.8k: 1.68" in labels_of(fig) and saves(fig, tmp_path)
     fig = figures.figure_3b(results.analysis("fig3b_bpc_vs_length"), results.reference)
     ours, paper = fig.axes
     assert [line.get_label() for line in ours.get_lines()] == [
@@ -157,7 +157,8 @@ def test_figure_7_separates_shared_statistics_and_term_ablations(results, tmp_pa
     fig = figures.figure_7(results.runs_of("fig7"))
     shared, terms = fig.axes[:2]
     assert sorted(line.get_label() for line in shared.get_lines()) == [
-        "BN of input+recurrent+cell", "BN of input+recurrent+cell, shared over time", "LSTM (no normalization)"]
+        "BN of input+recurrent+cell", "BN of input+recurrent+cell, statistics shared over time (partly, see below)",
+        "LSTM (no normalization)"]
     assert {line.get_linestyle() for line in shared.get_lines()} == {"-", "--"}
     assert len(terms.get_lines()) == 4 and saves(fig, tmp_path)
     runs = results.runs_of("fig7")
@@ -255,3 +256,155 @@ def test_paper_points_table_reads_our_validation_at_the_papers_steps():
     assert crosses["sequential MNIST"] == [(10000.0, 0.95)]
     assert sorted(crosses["permuted MNIST"]) == [(20000.0, 0.88), (20000.0, 0.92)]
     assert "erratic until about 35k" in texts_of(fig)
+
+
+# ------------------------------------------------------------- the committed records: what each figure plots (#22)
+
+
+@pytest.fixture(scope="module")
+def committed() -> Results:
+    """The repository's own results folder: the figures drawn from the committed records."""
+    return Results(REPO / "results")
+
+
+def valid_rows(runs: pd.DataFrame, metric: str) -> dict[str, list[tuple[float, float]]]:
+    """(step, metric) of each run's validation rows, by run directory, as the records hold them."""
+    rows = runs[(runs["split"] == "valid") & runs[metric].notna()]
+    return {run_dir: sorted(zip(group["step"], group[metric], strict=True))
+            for run_dir, group in rows.groupby("run_dir")}
+
+
+def plotted(ax) -> list[list[tuple[float, float]]]:
+    """The xy data of every line in `ax` that is a curve (more than one point, not a reference line)."""
+    return [sorted(map(tuple, line.get_xydata())) for line in ax.get_lines()
+            if len(line.get_xydata()) > 1 and line.get_linestyle() != ":"]
+
+
+def test_figure_2_footnote_names_the_steps_the_papers_values_were_read_at(committed):
+    fig = figures.figure_2(committed.runs_of("fig2"), committed.reference)
+    notes = texts_of(fig)
+    assert "after 100k iterations" not in notes and "(10k, 20k and 100k)" in notes
+    smnist, pmnist = fig.axes
+    assert "paper BN-LSTM @ 10k (lower bound): 0.95" in smnist.get_legend_handles_labels()[1]
+    assert {"paper BN-LSTM @ 20k: 0.92", "paper LSTM @ 20k: 0.88"} <= set(pmnist.get_legend_handles_labels()[1])
+    runs = committed.runs_of("fig2")
+    for ax, task in ((smnist, "smnist"), (pmnist, "pmnist")):
+        assert sorted(plotted(ax)) == sorted(valid_rows(runs[runs["task"] == task], "acc").values())
+
+
+def test_figure_3a_sets_our_validation_against_the_papers_validation_not_its_test(committed):
+    runs = committed.runs_of("fig3")
+    fig = figures.figure_3a(runs, committed.reference)
+    (ax,) = fig.axes
+    labels = ax.get_legend_handles_labels()[1]
+    assert not any("test" in label for label in labels)
+    assert {"paper BN-LSTM @ 0.8k: 1.68", "paper BN-LSTM @ 8k (minimum): 1.47",
+            "paper LSTM @ 10k (minimum): 1.485"} <= set(labels)
+    crosses = [tuple(line.get_xydata()[0]) for line in ax.get_lines() if line.get_marker() == "x"]
+    assert crosses == [(800.0, 1.68)]  # within our 3,000 steps: a point; 8k and 10k are beyond them: lines
+    assert sorted(plotted(ax)) == sorted(valid_rows(runs, "bpc").values())
+
+
+def test_figure_3b_says_how_much_test_text_each_length_scored(committed):
+    lengths = committed.analysis("fig3b_bpc_vs_length")
+    notes = texts_of(figures.figure_3b(lengths, committed.reference))
+    assert "not the same text at every length" in notes
+    for length, characters in lengths.groupby("length")["characters"].first().items():
+        assert f"{length}: {characters:,}" in notes
+    same = lengths.assign(characters=1000)
+    assert "every length scores the same 1,000 predictions" in texts_of(figures.figure_3b(same, committed.reference))
+
+
+def test_figure_6_marks_where_gamma_1_diverged_on_the_pmnist_panels(committed):
+    runs = committed.runs_of("fig6")
+    fig = figures.figure_6(runs)
+    diverged = runs[(runs["task"] == "pmnist") & (runs["status"] == "diverged")].drop_duplicates("run_dir")
+    assert len(diverged) == 2 and set(diverged["gamma_init"]) == {1.0} and set(diverged["steps_done"]) == {25}
+    for split in ("train", "valid"):
+        ax = next(a for a in fig.axes if a.get_title() == f"permuted MNIST: {split}")
+        marks = [line for line in ax.get_lines() if line.get_label().startswith("γ_init=1:")]
+        assert [m.get_label() for m in marks] == ["γ_init=1: diverged by step 25 (2 of 2 runs; nothing logged)"]
+        assert list(marks[0].get_xdata()) == [25, 25]
+    valid = next(a for a in fig.axes if a.get_title() == "permuted MNIST: valid")
+    assert sorted(plotted(valid)) == sorted(valid_rows(runs[runs["task"] == "pmnist"], "acc").values())
+
+
+def test_figure_7_says_the_shared_statistics_are_shared_only_in_part(committed):
+    runs = committed.runs_of("fig7")
+    fig = figures.figure_7(runs)
+    shared = fig.axes[0]
+    dashed = [line for line in shared.get_lines() if line.get_linestyle() == "--"]
+    assert [line.get_label() for line in dashed] == [
+        "BN of input+recurrent+cell, statistics shared over time (partly, see below)"]
+    records = runs[runs["share_statistics_over_time"].astype(bool) & (runs["split"] == "valid")]
+    assert sorted(map(tuple, dashed[0].get_xydata())) == sorted(zip(records["step"], records["acc"], strict=True))
+    def unwrapped(fig) -> str:  # the footer wraps its lines
+        return " ".join(texts_of(fig).split())
+
+    assert figures.SHARED_STATISTICS_NOTE in unwrapped(fig)
+    assert figures.SHARED_STATISTICS_NOTE not in unwrapped(figures.figure_7(runs[~runs["share_statistics_over_time"]]))
+
+
+def test_tanh_figure_draws_the_linear_classifiers_validation_not_its_test_accuracy(committed):
+    ceiling = committed.analysis_meta("linear_ceiling")
+    fig = figures.figure_tanh_paper(committed.runs_of("tanh_question"), ceiling,
+                                    committed.summaries_of("tanh_question"))
+    (ax,) = fig.axes
+    dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 1 and set(dashed[0].get_ydata()) == {ceiling["any_true_permutation"]["valid_acc"]}
+    notes = texts_of(fig)
+    assert f"{ceiling['any_true_permutation']['test_acc']:.4f}" in notes
+    summary = committed.summaries_of("tanh_question").set_index("job").loc["tanh_pmnist_rnn_s1"]
+    assert f"test accuracy of tanh_pmnist_rnn_s1 (best checkpoint): {summary['test_metric']:.4f}" in notes
+
+
+def test_paper_curves_draw_the_papers_values_only_up_to_the_steps_we_ran(committed):
+    runs = committed.runs_of("paper_curves")
+    fig = figures.figure_paper_curves(runs, committed.reference)
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    for title, task, metric in (("sequential MNIST", "smnist", "acc"), ("Penn Treebank characters", "ptb", "bpc")):
+        of_task = runs[runs["task"] == task]
+        ax = panels[title]
+        crosses = [tuple(line.get_xydata()[0]) for line in ax.get_lines() if line.get_marker() == "x"]
+        assert crosses and all(step <= of_task["step"].max() for step, _ in crosses)
+        assert sorted(plotted(ax)) == sorted(valid_rows(of_task, metric).values())
+    reached = runs[runs["task"] == "ptb"]["step"].max()
+    if reached < 8000:
+        assert "paper BN-LSTM @ 8k (minimum): 1.47, beyond the steps our runs reached (not drawn)" in texts_of(fig)
+
+
+def test_paper_points_compare_a_lower_bound_by_whether_we_meet_it():
+    reference = pd.read_csv(results_root() / "paper_reference.csv")
+    rows = [{"task": "smnist", "model": "bn_lstm", "split": "valid", "step": 10000, "acc": acc, "bpc": np.nan,
+             "job": f"smnist_bn_lstm_s{seed}", "run_dir": f"r/{seed}"} for seed, acc in ((1, 0.962),)]
+    table = figures.paper_points_table(pd.DataFrame(rows), reference).set_index(["task", "model", "step"])
+    point = table.loc[("smnist", "bn_lstm", 10000)]
+    assert point["paper_is"] == "lower bound" and np.isnan(point["difference"])
+    assert point["against_paper"] == "meets the bound (≥ 0.95)"
+    rows[0]["acc"] = 0.94
+    below = figures.paper_points_table(pd.DataFrame(rows), reference).set_index(["task", "model", "step"])
+    assert below.loc[("smnist", "bn_lstm", 10000), "against_paper"] == "below the bound (≥ 0.95)"
+    assert table.loc[("ptb", "bn_lstm", 800), "paper_is"] == "value"
+
+
+def test_tables_hold_the_paper_setup_runs_and_the_test_protocol_the_records_used(committed):
+    tables = figures.all_tables(committed)
+    summaries = committed.summaries_of("paper_curves")
+    table1 = tables["table1"].set_index(["source", "model"])
+    for model, label in (("lstm", "LSTM"), ("bn_lstm", "BN-LSTM")):
+        done = summaries[(summaries["task"] == "smnist") & (summaries["model"] == model)
+                         & (summaries["status"] == "completed")]
+        assert table1.loc[("ours, paper setup", label), "smnist"] == pytest.approx(100 * done["test_metric"].mean())
+        assert "paper scale (paper_smnist)" in table1.loc[("ours, paper setup", label), "scale"]
+    cpu = committed.summaries_of("fig3")
+    assert set(cpu["eval_streams"]) == {64}
+    table2 = tables["table2"].set_index(["source", "model"])
+    assert table2.loc[("ours", "BN-LSTM"), "test protocol"] == (
+        "the split cut into 64 contiguous sequences, each read with the state carried")
+    assert "whole test split read as one sequence" not in figures.TABLE_TITLES["table2"]
+
+
+def test_an_analysis_recorded_in_another_checkout_finds_its_run(results):
+    # fig5's analysis names /work/main/results/runs/fig3_ptb/1; a clone elsewhere holds the same run.
+    elsewhere = {"run_dir": "/elsewhere/checkout/results/runs/fig3_ptb/1"}
+    assert list(runs_at(results.summaries, elsewhere)["run_dir"]) == [str(results.root / "runs" / "fig3_ptb" / "1")]

@@ -31,7 +31,8 @@ RUN_FILES = ("summary.json", "metrics.csv")
 ATTRIBUTES = (
     "experiment", "job", "run_dir", "task", "model", "cell", "norm", "gamma_init", "norm_terms",
     "share_statistics_over_time", "norm_placement", "nonlinearity", "init_state_noise", "recurrent_init",
-    "hidden_size", "max_steps", "batch_size", "seq_len", "permutation", "optimizer", "lr", "seed", "preset", "status",
+    "hidden_size", "max_steps", "batch_size", "seq_len", "eval_streams", "permutation", "optimizer", "lr", "seed",
+    "preset", "status",
     "metric", "steps_done", "device",
 )
 RESULTS_ENV = "RBN_RESULTS"
@@ -119,7 +120,9 @@ def run_info(run_dir: Path) -> RunInfo:
         "nonlinearity": model.get("nonlinearity") if model.get("cell") == "rnn" else None,
         "init_state_noise": model.get("init_state_noise"), "recurrent_init": model.get("recurrent_init"),
         "hidden_size": model.get("hidden_size"), "max_steps": trainer.get("max_steps"),
-        "batch_size": task.get("batch_size"), "seq_len": task.get("seq_len"), "permutation": task.get("permutation"),
+        "batch_size": task.get("batch_size"), "seq_len": task.get("seq_len"),
+        "eval_streams": task.get("eval_streams"),  # language models: the test split read as this many sequences
+        "permutation": task.get("permutation"),
         "optimizer": optim.get("name"), "lr": optim.get("lr"), "seed": cfg.get("seed"), "preset": _preset(run_dir),
         "status": summary.get("status", "unknown (no summary.json)"), "metric": summary.get("metric"),
         "steps_done": summary.get("steps"), "device": summary.get("device"),
@@ -270,12 +273,17 @@ def runs_at(summaries: pd.DataFrame, source) -> pd.DataFrame:
         run_dirs = {str(source["run_dir"])} if source and source.get("run_dir") else set()
     if summaries.empty or not run_dirs:
         return pd.DataFrame()
-    # An analysis records its run relative to where it ran (results/runs/...), the summaries hold absolute paths:
-    # the same run when one path ends with the other.
+    # An analysis records its run relative to where it ran (results/runs/...) or as an absolute path in the checkout
+    # it ran in, the summaries hold absolute paths in this one: the same run when one path ends with the other, or
+    # when both name the same run under a `runs` folder.
     wanted = [Path(p).parts for p in run_dirs]
+
+    def under_runs(parts: tuple[str, ...]) -> tuple[str, ...] | None:
+        return parts[len(parts) - parts[::-1].index("runs"):] if "runs" in parts else None
 
     def recorded(run_dir: str) -> bool:
         parts = Path(run_dir).parts
-        return any(parts[-len(w):] == w or w[-len(parts):] == parts for w in wanted)
+        return any(parts[-len(w):] == w or w[-len(parts):] == parts
+                   or (under_runs(parts) is not None and under_runs(parts) == under_runs(w)) for w in wanted)
 
     return summaries[[recorded(p) for p in summaries["run_dir"]]]
