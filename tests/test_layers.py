@@ -569,7 +569,7 @@ def test_a_state_dict_trained_longer_than_the_population_slots_is_refused_at_loa
     # trained_length counts populated slots, so it can never exceed them; a state dict that says otherwise (edited,
     # or from another version) used to load and fail later in evaluation with an IndexError.
     m = rb.LSTM(3, 5, norm="bn", max_length=10)
-    state = m.state_dict()
+    state = {**m.state_dict(), **dict(m.named_buffers())}  # every slot, as saved before untrained ones were left out
     state["norm_ih_l0.trained_length"] = torch.tensor(12)
     with pytest.raises(ValueError, match=r"norm_ih_l0\.trained_length is 12 .* 10 population slots"):
         m.load_state_dict(state)
@@ -627,3 +627,26 @@ def test_orthogonal_initialisation_is_nn_init_orthogonal_bit_for_bit_without_a_t
     nn.init.orthogonal_(expected_ih)
     nn.init.orthogonal_(expected_hh)
     assert torch.equal(model.weight_ih_l0, expected_ih) and torch.equal(model.weight_hh_l0, expected_hh)
+
+
+def test_a_state_dict_keeps_only_the_trained_statistics_slots_and_loads_back_the_same_buffers(tmp_path):
+    # max_length=1000 trained on 35 steps: 965 slots of initial values need not be stored (a checkpoint was 4.9x
+    # torch.nn.LSTM's for the same weights).
+    torch.manual_seed(0)
+    model = rb.LSTM(3, 8, 2, norm="bn", max_length=1000)
+    model(torch.randn(35, 4, 3))
+    state = model.state_dict()
+    statistics = [k for k in state if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert statistics and all(state[k].shape[0] == 35 for k in statistics)
+    torch.save(state, tmp_path / "small.pt")
+    full = {**state, **dict(model.named_buffers())}  # as saved before: every slot
+    torch.save(full, tmp_path / "full.pt")
+    assert (tmp_path / "small.pt").stat().st_size * 10 < (tmp_path / "full.pt").stat().st_size
+    for source in ("small.pt", "full.pt"):
+        restored = rb.LSTM(3, 8, 2, norm="bn", max_length=1000)
+        restored.load_state_dict(torch.load(tmp_path / source, weights_only=True))
+        for (name, a), (_, b) in zip(model.named_buffers(), restored.named_buffers(), strict=True):
+            assert torch.equal(a, b), (source, name)
+        x = torch.randn(50, 2, 3)
+        assert torch.equal(model.eval()(x)[0], restored.eval()(x)[0])
+        model.train()

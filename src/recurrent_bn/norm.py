@@ -51,6 +51,10 @@ def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> 
     return mask.to(like.dtype).sum(-1)
 
 
+# The per-slot population statistics of RecurrentBatchNorm, (slots, ...): saved up to the trained length only.
+STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 class RecurrentBatchNorm(nn.Module):
     """Batch norm with per-timestep statistics: `gamma * (x - mean_t) / sqrt(var_t + eps) + beta` (paper eq. 5).
 
@@ -124,14 +128,28 @@ class RecurrentBatchNorm(nn.Module):
             f"share_statistics_over_time={self.share_statistics_over_time}"
         )
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # Slots past the longest trained timestep still hold their initial values: they are left out (a layer built
+        # with max_length=1000 and trained on 35 steps stores 35 slots), and _load_from_state_dict puts them back.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        kept = int(self.trained_length)
+        for name in STATISTICS:
+            destination[prefix + name] = destination[prefix + name][:kept].clone()  # a view would save it all
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # trained_length counts populated slots; more than there are would index past them in evaluation.
-        length, mean = state_dict.get(prefix + "trained_length"), state_dict.get(prefix + "running_mean")
-        if length is not None and mean is not None and int(length) > mean.shape[0]:
+        length = state_dict.get(prefix + "trained_length")
+        if length is not None and int(length) > self.slots:
             raise ValueError(
-                f"{prefix}trained_length is {int(length)} but the state dict has {mean.shape[0]} population slots: "
-                "it is corrupt or was edited; reset it to at most the number of slots"
+                f"{prefix}trained_length is {int(length)} but the layer has {self.slots} population slots: the state "
+                "dict is corrupt, was edited or is of a layer with a larger max_length; reset it to at most that"
             )
+        # Fewer slots than this layer has: the untrained ones were left out when saving; they hold initial values.
+        for name in STATISTICS:
+            saved, own = state_dict.get(prefix + name), getattr(self, name)
+            if saved is not None and saved.dim() == own.dim() and saved.shape[0] < own.shape[0]:
+                initial = torch.ones_like(own) if name == "running_var" else torch.zeros_like(own)
+                state_dict[prefix + name] = torch.cat([saved.to(own), initial[saved.shape[0]:]])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def slot_index(self, start_step: int, steps: int) -> Tensor:
