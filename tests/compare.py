@@ -28,3 +28,20 @@ def assert_all_close(a, b, tol, what):
 
 def buffers(model):
     return [b.clone() for b in model.buffers()]
+
+
+def float32_errors(reference, x, hx, backends, lengths=None) -> dict[str, list[float]]:
+    """Relative error against the float64 `reference` of each backend's float32 run (outputs, states, gradients)."""
+    import copy
+
+    outputs64, grads64 = run(reference, x, hx, lengths)
+    errors = {}
+    for backend in backends:
+        model = copy.deepcopy(reference).float()
+        model.backend = backend
+        x32 = x.detach().float().requires_grad_(True)
+        hx32 = tuple(h.detach().float().requires_grad_(True) for h in hx)
+        outputs, grads = run(model, x32, hx32, lengths)
+        errors[backend] = [float((a.float() - b).abs().max() / a.abs().max().clamp(min=1e-30))
+                           for a, b in zip(outputs64 + grads64, outputs + grads, strict=True) if a is not None]
+    return errors

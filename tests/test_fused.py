@@ -16,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from compare import assert_all_close, buffers, run
+from compare import assert_all_close, buffers, float32_errors, run
 
 import recurrent_bn as rb
 from recurrent_bn import fused, recurrence
@@ -73,6 +73,18 @@ def randomize(model, seed=0):
             else:
                 p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     return model
+
+
+def as_function(model, lengths):
+    """The layer as a function of (x, h0, c0, *parameters), and copies of its parameters, for gradcheck."""
+    names = [n for n, _ in model.named_parameters()]
+
+    def f(x, h0, c0, *values):
+        parameters = dict(zip(names, values, strict=True))
+        y, (h, c) = torch.func.functional_call(model, parameters, (x, (h0, c0)), {"lengths": lengths})
+        return y, h, c
+
+    return f, [p.detach().clone().requires_grad_(True) for p in model.parameters()]
 
 
 def randomize_population(model, seed=1):
@@ -224,14 +236,7 @@ def test_fused_gradcheck(threads, variant, training, n_threads):
     h0 = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(1, 4, 4, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([5, 2, 4, 3])
-    names = [n for n, _ in model.named_parameters()]
-
-    def f(x, h0, c0, *values):
-        parameters = dict(zip(names, values, strict=True))
-        y, (h, c) = torch.func.functional_call(model, parameters, (x, (h0, c0)), {"lengths": lengths})
-        return y, h, c
-
-    values = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    f, values = as_function(model, lengths)
     assert torch.autograd.gradcheck(f, (x, h0, c0, *values), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
@@ -290,16 +295,7 @@ def test_fused_float32_error_is_within_ten_times_the_reference_float32_error(thr
     reference.train(training)
     x = data().requires_grad_(True)
     hx = tuple(torch.zeros(layers, batch, hidden, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    outputs64, grads64 = run(reference, x, hx, None)
-    errors = {}
-    for backend in ("reference", "fused"):
-        model = copy.deepcopy(reference).float()
-        model.backend = backend
-        x32 = x.detach().float().requires_grad_(True)
-        hx32 = tuple(h.detach().float().requires_grad_(True) for h in hx)
-        outputs, grads = run(model, x32, hx32, None)
-        errors[backend] = [float((a.float() - b).abs().max() / a.abs().max().clamp(min=1e-30))
-                           for a, b in zip(outputs64 + grads64, outputs + grads, strict=True) if a is not None]
+    errors = float32_errors(reference, x, hx, ("reference", "fused"))
     for k, (reference_error, fused_error) in enumerate(zip(errors["reference"], errors["fused"], strict=True)):
         assert fused_error <= 10 * reference_error + 1e-6, (k, fused_error, reference_error)
 
@@ -526,12 +522,5 @@ def test_fused_gradgradcheck(variant, training):
     h0 = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
     c0 = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
     lengths = torch.tensor([2, 1, 2])
-    names = [n for n, _ in model.named_parameters()]
-
-    def f(x, h0, c0, *values):
-        parameters = dict(zip(names, values, strict=True))
-        y, (h, c) = torch.func.functional_call(model, parameters, (x, (h0, c0)), {"lengths": lengths})
-        return y, h, c
-
-    values = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    f, values = as_function(model, lengths)
     assert torch.autograd.gradgradcheck(f, (x, h0, c0, *values), eps=1e-6, atol=1e-5, rtol=1e-4)

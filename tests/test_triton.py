@@ -22,7 +22,7 @@ import sys
 
 import pytest
 import torch
-from compare import assert_all_close, buffers, run
+from compare import assert_all_close, buffers, float32_errors, run
 
 import recurrent_bn as rb
 
@@ -177,16 +177,7 @@ def test_triton_float32_error_is_within_ten_times_the_reference_float32_error(tr
     reference.train(training)
     x = data().requires_grad_(True)
     hx = tuple(torch.zeros(layers, batch, hidden, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    outputs64, grads64 = run(reference, x, hx, None)
-    errors = {}
-    for backend in ("reference", "triton"):
-        model = copy.deepcopy(reference).float()
-        model.backend = backend
-        x32 = x.detach().float().requires_grad_(True)
-        hx32 = tuple(h.detach().float().requires_grad_(True) for h in hx)
-        outputs, grads = run(model, x32, hx32, None)
-        errors[backend] = [float((a.float() - b).abs().max() / a.abs().max().clamp(min=1e-30))
-                           for a, b in zip(outputs64 + grads64, outputs + grads, strict=True) if a is not None]
+    errors = float32_errors(reference, x, hx, ("reference", "triton"))
     assert len(errors["triton"]) == len(errors["reference"])
     for k, (reference_error, triton_error) in enumerate(zip(errors["reference"], errors["triton"], strict=True)):
         assert triton_error <= 10 * reference_error + 1e-6, (k, triton_error, reference_error)
