@@ -20,6 +20,7 @@ from recurrent_bn.norm import (
     RecurrentBatchNorm,
     RecurrentLayerNorm,
     batch_norms,
+    default_gamma,
     refuse_single_example,
 )
 
@@ -113,8 +114,8 @@ def _shared_terms(value: bool | str | tuple[str, ...] | list[str] | None, norm: 
 
 
 def _gamma(norm: str, gamma_init: float | None) -> float:
-    """The one place for the default γ: 0.1 for batch norm (the paper), 1.0 for layer norm."""
-    gamma = (1.0 if norm == "ln" else 0.1) if gamma_init is None else float(gamma_init)
+    """`gamma_init`, or the normalization's default (`norm.default_gamma`), checked once for every layer and cell."""
+    gamma = default_gamma(norm) if gamma_init is None else float(gamma_init)
     if norm != "none" and gamma <= 0:
         raise ValueError(f"gamma_init must be > 0, got {gamma}")
     return gamma

@@ -51,6 +51,17 @@ def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> 
     return mask.to(like.dtype).sum(-1)
 
 
+# The one place for the initial γ of each normalization: batch norm's is the paper's 0.1 (1.0 saturates tanh and the
+# gradient through time vanishes; 0.01 or less was unstable), layer norm's is Ba et al.'s 1.0.
+DEFAULT_GAMMA = {"bn": 0.1, "ln": 1.0}
+
+
+def default_gamma(norm: str) -> float:
+    """The initial γ of a layer with this `norm` ("none", "vbn", "bn" or "ln"): layer norm's for "ln", else batch
+    norm's. The model configs read it too (`${rbn.default_gamma:${.norm}}`)."""
+    return DEFAULT_GAMMA["ln" if norm == "ln" else "bn"]
+
+
 class RecurrentBatchNorm(nn.Module):
     """Batch norm with per-timestep statistics: `gamma * (x - mean_t) / sqrt(var_t + eps) + beta` (paper eq. 5).
 
@@ -77,7 +88,7 @@ class RecurrentBatchNorm(nn.Module):
         num_features: int,
         max_length: int,
         *,
-        gamma_init: float = 0.1,
+        gamma_init: float = DEFAULT_GAMMA["bn"],
         learn_beta: bool = False,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
@@ -241,7 +252,9 @@ def batch_norms(module: nn.Module) -> list[RecurrentBatchNorm]:
 class RecurrentLayerNorm(nn.Module):
     """Layer norm over the last axis (Ba et al. 2016): `gamma * (x - mean) / sqrt(var + eps) + beta`, per example."""
 
-    def __init__(self, num_features: int, *, gamma_init: float = 1.0, learn_beta: bool = False, eps: float = 1e-5):
+    def __init__(
+        self, num_features: int, *, gamma_init: float = DEFAULT_GAMMA["ln"], learn_beta: bool = False, eps: float = 1e-5
+    ):
         super().__init__()
         self.num_features = num_features
         self.gamma_init = gamma_init
