@@ -1,6 +1,6 @@
 """The fused CPU path of the LSTM layers: a C++ loop over time with a hand-written backward through time.
 
-`recurrence.lstm` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
+`layers.pick_backend` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
 float64 on the CPU. The kernels (`csrc/`: `lstm.cpp` says which file holds what; `lstm.h` is the interface, every
 tensor by name) are compiled with `torch.utils.cpp_extension` the first time they are needed (about 20-60 s) and
 loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards, under a
