@@ -203,6 +203,19 @@ class RecurrentBatchNorm(nn.Module):
         last_active = torch.where(count > 0, step + 1, 0).max().clamp(max=self.slots)
         torch.maximum(self.trained_length, last_active, out=self.trained_length)
 
+    def record_pass(
+        self, mean: Tensor, var: Tensor, *, mask: Tensor | None, steps: int, batch: int, start_step: int = 0,
+        pooled: bool = False,
+    ) -> None:
+        """Fold the minibatch statistics of one pass over a sequence into the population, as every backend does after
+        its loop: per-timestep statistics (steps, F), each step weighted by its active examples (`mask` (steps, B),
+        or all `batch`), or with `pooled` one set pooled over batch and time (an input term shared over time)."""
+        count = example_count(mask, steps, batch, mean)
+        if pooled:
+            self.update_population(mean.reshape(1, -1), var.reshape(1, -1), count.sum(0, keepdim=True), 0)
+        else:
+            self.update_population(mean, var, count, start_step)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
         """Normalize a whole sequence `x` (T, B, F) at once; `mask` (T, B) marks the valid (unpadded) positions.
 
@@ -214,14 +227,13 @@ class RecurrentBatchNorm(nn.Module):
             mean, var = self.population_statistics(start_step, steps)
             return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
         refuse_single_example(x.shape[1] * (steps if self.share_statistics_over_time else 1))
-        count = example_count(mask, steps, x.shape[1], x)
         if self.share_statistics_over_time:
             flat_mask = None if mask is None else mask.reshape(1, -1)
             mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
-            self.update_population(mean.detach(), var.detach(), count.sum(0, keepdim=True), 0)
+            self.record_pass(mean.detach(), var.detach(), mask=mask, steps=steps, batch=x.shape[1], pooled=True)
             return self.normalize(x, mean, var)
         mean, var = batch_statistics(x, mask)
-        self.update_population(mean.detach(), var.detach(), count, start_step)
+        self.record_pass(mean.detach(), var.detach(), mask=mask, steps=steps, batch=x.shape[1], start_step=start_step)
         return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
 
 

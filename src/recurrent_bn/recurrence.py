@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -105,10 +105,8 @@ class StepNorm:
         """Fold the remembered minibatch statistics into the population statistics."""
         if self.kind != "batch":
             return
-        mean = torch.stack(self.means)
-        self.module.update_population(
-            mean, torch.stack(self.variances), example_count(self.mask, self.steps, batch, mean), self.start_step
-        )
+        self.module.record_pass(torch.stack(self.means), torch.stack(self.variances), mask=self.mask, steps=self.steps,
+                                batch=batch, start_step=self.start_step)
 
 
 def lstm(
