@@ -118,7 +118,7 @@ def test_a_key_the_layer_does_not_take_is_a_config_error_naming_it(make_cfg):
 
     cfg = make_cfg("model=rnn", "+model.forget_bias=5.0")
     with pytest.raises(ConfigError, match=r"^model.forget_bias is not an argument of recurrent_bn.RNN"):
-        validate(cfg)
+        build_model(cfg)
     with pytest.raises(ConfigError, match="model.forget_bias"):
         layer_kwargs(cfg.model)
 

@@ -30,8 +30,17 @@ def _run_dir(resume: str | None, default: str) -> str:
     return str(resume) if resume not in (None, "", "None", "null") else default
 
 
+def _default_gamma(norm: str) -> float:
+    from recurrent_bn.norm import default_gamma
+
+    return default_gamma(norm)
+
+
 def register_resolvers() -> None:
-    """`${rbn.minus_one:x}` (prediction steps of a segment) and `${rbn.run_dir:resume,default}`."""
+    """`${rbn.minus_one:x}` (prediction steps of a segment), `${rbn.run_dir:resume,default}` and
+    `${rbn.default_gamma:norm}` (the layer's own default γ, so that the configs do not repeat it)."""
+    if not OmegaConf.has_resolver("rbn.default_gamma"):
+        OmegaConf.register_new_resolver("rbn.default_gamma", _default_gamma)
     if not OmegaConf.has_resolver("rbn.minus_one"):
         OmegaConf.register_new_resolver("rbn.minus_one", lambda value: int(value) - 1)
     if not OmegaConf.has_resolver("rbn.run_dir"):
@@ -90,15 +99,18 @@ def _positive_float(cfg: DictConfig, key: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check every user-facing value; raise ConfigError naming the first bad key and what is allowed."""
+    """Check every user-facing value; raise ConfigError naming the first bad key and what is allowed.
+
+    The layer's own arguments (model.hidden_size, gamma_init, dropout, norm_terms, ...) are checked once, by the
+    layer's constructor, when `models.build_model` builds it (before any data is loaded); here only what the layer
+    cannot see: the task's batch size against batch norm, vbn's recorded sharing, a bidirectional language model."""
     from recurrent_bn.data.mnist import PERMUTATIONS
     from recurrent_bn.models import HEAD_INITS
 
     _require(cfg.task.name in TASKS, "task", f"one of {', '.join(TASKS)}", cfg.task.name)
     _require(cfg.model.name in LSTM_MODELS + RNN_MODELS, "model", f"one of {', '.join(LSTM_MODELS + RNN_MODELS)}",
              cfg.model.name)
-    _require(cfg.model.cell in ("lstm", "rnn"), "model.cell", "lstm or rnn", cfg.model.cell)
-    for key in ("model.hidden_size", "model.num_layers", "model.max_length", "task.batch_size",
+    for key in ("model.max_length", "task.batch_size",
                 "task.eval_batch_size", "trainer.max_steps", "trainer.eval_every", "trainer.checkpoint_every",
                 "trainer.log_every"):
         _positive_int(cfg, key)
@@ -109,12 +121,6 @@ def validate(cfg: DictConfig) -> None:
     _require(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and 0 <= cfg.seed < 2**63, "seed",
              "an integer >= 0", cfg.seed)
     _positive_float(cfg, "model.eps")
-    if cfg.model.norm != "none":
-        _positive_float(cfg, "model.gamma_init")
-    dropout = cfg.model.dropout
-    _require(isinstance(dropout, int | float) and 0 <= dropout < 1, "model.dropout", "a number in [0, 1)", dropout)
-    noise = cfg.model.init_state_noise
-    _require(isinstance(noise, int | float) and noise >= 0, "model.init_state_noise", "a number >= 0", noise)
     momentum = cfg.model.momentum
     _require(momentum is None or (isinstance(momentum, int | float) and 0 < momentum <= 1), "model.momentum",
              "a number in (0, 1] or null (cumulative average)", momentum)
@@ -163,9 +169,6 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.model.norm != "vbn" or cfg.model.share_statistics_over_time is True,
              "model.share_statistics_over_time", "true with norm=vbn (vertical batch norm shares them over time)",
              cfg.model.share_statistics_over_time)
-    from recurrent_bn.models import layer_kwargs
-
-    layer_kwargs(cfg.model)  # every key of the model file is an argument of its layer
 
 
 GROUPS = ("task", "model", "optim", "logger", "experiment")

@@ -1,6 +1,6 @@
 """The fused CPU path of the LSTM layers: a C++ loop over time with a hand-written backward through time.
 
-`recurrence.lstm` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
+`layers.pick_backend` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
 float64 on the CPU. The kernels (`csrc/`: `lstm.cpp` says which file holds what; `lstm.h` is the interface, every
 tensor by name) are compiled with `torch.utils.cpp_extension` the first time they are needed (about 20-60 s) and
 loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards, under a
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import example_count, loop_term
+from recurrent_bn.norm import loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
 log = logging.getLogger(__name__)
@@ -259,15 +259,11 @@ def lstm(
         )
         output, h_n, c_n = result.output, result.h, result.c
         config["stats"] = _statistics(result.saved)
-    # The population statistics, as the reference updates them (RecurrentBatchNorm.forward, StepNorm.finish).
-    count = None
+    # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
     for (kind, _, _), module, (mean, var) in zip(terms, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
         if kind in (SHARED, BATCH):
-            count = example_count(mask, steps, batch, mean) if count is None else count
-            if kind == SHARED:
-                module.update_population(mean[None], var[None], count.sum(0, keepdim=True), 0)
-            else:
-                module.update_population(mean, var, count, start_step)
+            module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step,
+                               pooled=kind == SHARED)
     return output, h_n, c_n
 
 

@@ -20,6 +20,7 @@ from recurrent_bn.norm import (
     RecurrentBatchNorm,
     RecurrentLayerNorm,
     batch_norms,
+    default_gamma,
     refuse_single_example,
 )
 
@@ -39,6 +40,46 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
     return value
+
+
+def pick_backend(setting: str, x: Tensor, *tensors: Tensor) -> str:
+    """Which loop runs one LSTM layer: "triton", "fused" or "reference", decided once per call from the layer's
+    `backend` setting, its input x (T, B, I) and the other tensors the kernels would read (W_x, h_0, c_0, W_h).
+
+    - "reference": the reference loop.
+    - "triton": the Triton kernels, or one RuntimeError line saying why they cannot run on x.
+    - "fused": the compiled CPU kernels on CPU tensors they cover (all float32 or all float64), else the reference
+      loop; one RuntimeError line when the kernels are unavailable.
+    - "auto": Triton on CUDA tensors its kernels take, the fused kernels on CPU tensors they cover (one warning per
+      process when they are unavailable), else the reference loop.
+    An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
+    """
+    if _triton_chosen(setting, x):
+        return "triton" if x.shape[1] > 0 else "reference"
+    if _fused_chosen(setting, x) and x.shape[1] > 0:
+        from recurrent_bn import fused
+
+        if fused.supports(x, *tensors):
+            return "fused"
+    return "reference"
+
+
+def _triton_chosen(setting: str, x: Tensor) -> bool:
+    """"triton" (which raises with one line when its kernels cannot run on x), or "auto" on a CUDA tensor they take."""
+    if setting not in ("triton", "auto") or (setting == "auto" and x.device.type != "cuda"):
+        return False
+    from recurrent_bn import triton_lstm
+
+    if setting == "triton":
+        triton_lstm.check(x)
+        return True
+    return triton_lstm.covers(x)
+
+
+def _fused_chosen(setting: str, x: Tensor) -> bool:
+    """"fused" or "auto" on a CPU tensor, with the kernels available (`recurrence.use_fused` raises or warns when
+    not). Only CPU tensors can use them: the extension is never built for a GPU run."""
+    return x.device.type == "cpu" and setting != "triton" and recurrence.use_fused(setting)
 
 
 def _omp_thread_limit() -> int | None:
@@ -113,8 +154,8 @@ def _shared_terms(value: bool | str | tuple[str, ...] | list[str] | None, norm: 
 
 
 def _gamma(norm: str, gamma_init: float | None) -> float:
-    """The one place for the default γ: 0.1 for batch norm (the paper), 1.0 for layer norm."""
-    gamma = (1.0 if norm == "ln" else 0.1) if gamma_init is None else float(gamma_init)
+    """`gamma_init`, or the normalization's default (`norm.default_gamma`), checked once for every layer and cell."""
+    gamma = default_gamma(norm) if gamma_init is None else float(gamma_init)
     if norm != "none" and gamma <= 0:
         raise ValueError(f"gamma_init must be > 0, got {gamma}")
     return gamma
@@ -303,7 +344,7 @@ class _RecurrentStack(nn.Module):
         self.dropout = dropout
         self.init_state_noise = init_state_noise
         self.init_state_noise_mode = _choice("init_state_noise_mode", init_state_noise_mode, NOISE_MODES)
-        self.backend = _choice("backend", backend, BACKENDS)
+        self.backend = backend
         self.bidirectional = bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
         self.learn_initial_state = learn_initial_state
@@ -312,6 +353,15 @@ class _RecurrentStack(nn.Module):
             self.initial_state = nn.Parameter(
                 torch.zeros(self.state_count, num_layers * self.num_directions, hidden_size)
             )
+
+    @property
+    def backend(self) -> str:
+        """The `backend` setting that `pick_backend` reads at every call; checked whenever it is set."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._backend = _choice("backend", value, BACKENDS)
 
     def _layer_names(self, layer: int) -> list[str]:
         """Suffixes of one layer's parameters and normalizations, one per direction, as torch names them."""
@@ -385,12 +435,6 @@ class _RecurrentStack(nn.Module):
     def _between_layers(self, output: Tensor) -> Tensor:
         """What the next layer reads of this layer's output (the RNN's `layer_activation`)."""
         return output
-
-    def _use_fused(self, x: Tensor) -> bool:
-        # Only CPU tensors can use the fused kernels: never build the extension for a GPU run.
-        if x.device.type != "cpu" or self.backend == "triton":
-            return False
-        return recurrence.use_fused(self.backend)
 
     def forward(
         self, input: Tensor | PackedSequence, hx: Tensor | tuple[Tensor, Tensor] | None = None,
@@ -574,45 +618,31 @@ class LSTM(_RecurrentStack):
         """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
         self._reset(_init_lstm_terms_)
 
+    # The two halves of `pick_backend` on this layer's setting (the tests check each alone).
     def _uses_triton(self, x: Tensor) -> bool:
-        """Whether this layer's loop runs on the Triton kernels: backend "triton" (which raises with one line when
-        they cannot run on x), or "auto" on a float32 CUDA tensor."""
-        if self.backend not in ("triton", "auto") or (self.backend == "auto" and x.device.type != "cuda"):
-            return False
-        from recurrent_bn import triton_lstm
+        return _triton_chosen(self.backend, x)
 
-        if self.backend == "triton":
-            triton_lstm.check(x)
-            return True
-        return triton_lstm.covers(x)
+    def _use_fused(self, x: Tensor) -> bool:
+        return _fused_chosen(self.backend, x)
 
     def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
         """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
-        # An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
-        if self._uses_triton(x) and x.shape[1] > 0:
-            from recurrent_bn import triton_lstm
-
-            output, h, c = triton_lstm.lstm(
-                x, getattr(self, f"weight_ih_{name}"), state[0], state[1], getattr(self, f"weight_hh_{name}"),
-                getattr(self, f"norm_ih_{name}", None), _bias(self, f"_{name}"), getattr(self, f"norm_hh_{name}", None),
-                getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None)), mask, start_step,
+        (h, c), weight_ih, weight_hh = state, getattr(self, f"weight_ih_{name}"), getattr(self, f"weight_hh_{name}")
+        norm_ih, norm_hh = getattr(self, f"norm_ih_{name}", None), getattr(self, f"norm_hh_{name}", None)
+        norm_c = getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None))
+        bias = _bias(self, f"_{name}")
+        backend = pick_backend(self.backend, x, weight_ih, h, c, weight_hh)
+        if backend == "reference":
+            # The loop computes the input term norm_ih(W_x x) + b before the time loop; the kernels in its pass.
+            output, h, c = recurrence.lstm(
+                x, h, c, weight_hh, norm_hh, norm_c, mask, start_step, weight_ih=weight_ih, norm_ih=norm_ih, bias=bias
             )
             return output, (h, c)
-        # The loop computes the input term norm_ih(W_x x) + b (the fused kernels in the same pass as the gates).
-        output, h, c = recurrence.lstm(
-            x,
-            state[0],
-            state[1],
-            getattr(self, f"weight_hh_{name}"),
-            getattr(self, f"norm_hh_{name}", None),
-            getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None)),
-            mask,
-            start_step,
-            fused=self._use_fused(x),
-            weight_ih=getattr(self, f"weight_ih_{name}"),
-            norm_ih=getattr(self, f"norm_ih_{name}", None),
-            bias=_bias(self, f"_{name}"),
-        )
+        if backend == "triton":
+            from recurrent_bn.triton_lstm import lstm as kernels
+        else:
+            from recurrent_bn.fused import lstm as kernels
+        output, h, c = kernels(x, weight_ih, h, c, weight_hh, norm_ih, bias, norm_hh, norm_c, mask, start_step)
         return output, (h, c)
 
     def extra_repr(self) -> str:
@@ -714,7 +744,6 @@ class RNN(_RecurrentStack):
             self.nonlinearity,
             mask,
             start_step,
-            fused=self._use_fused(x),
         )
         return output, (h,)
 

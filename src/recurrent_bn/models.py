@@ -46,15 +46,14 @@ def drop_stale_keys(model: DictConfig) -> DictConfig:
     return model
 
 
-def layer_kwargs(model: DictConfig, drop_stale: bool = False) -> dict:
-    """The constructor arguments in a model config; a key the layer does not take is a config error naming it
-    (`drop_stale`: except the STALE_RNN_KEYS of an RNN config saved before the contract)."""
+def layer_kwargs(model: DictConfig) -> dict:
+    """The constructor arguments in a model config; a key the layer does not take is a config error naming it.
+    A saved config is read through `drop_stale_keys` first (`config.load_for_resume`, `runs.load_run_config`)."""
     cell = model.get("cell")
     if cell not in LAYER_CLASSES:
         raise ConfigError(f"model.cell={cell!r} is not allowed: one of {', '.join(LAYER_CLASSES)}")
     options = OmegaConf.to_container(model, resolve=True)
-    stale = STALE_RNN_KEYS if drop_stale and cell == "rnn" else ()
-    kwargs = {key: value for key, value in options.items() if key not in META_KEYS + stale}
+    kwargs = {key: value for key, value in options.items() if key not in META_KEYS}
     unknown = sorted(set(kwargs) - layer_parameters(cell))
     if unknown:
         raise ConfigError(f"model.{unknown[0]} is not an argument of recurrent_bn.{LAYER_CLASSES[cell].__name__} "
@@ -67,7 +66,9 @@ def layer_kwargs(model: DictConfig, drop_stale: bool = False) -> dict:
 def parameter_count(cell: str, input_size: int, output_size: int, kwargs: dict) -> int:
     """Weights and biases of the layer and read-out (normalization parameters are O(H) and left out): a bound
     checked before anything is allocated."""
-    hidden, layers = int(kwargs.get("hidden_size", 1)), int(kwargs.get("num_layers", 1))
+    hidden, layers = kwargs.get("hidden_size", 1), kwargs.get("num_layers", 1)
+    if not (isinstance(hidden, int) and isinstance(layers, int)):
+        return 0  # not a size: the layer's constructor refuses it in one line
     directions = 2 if kwargs.get("bidirectional") else 1
     gates = 4 if cell == "lstm" else 1
     first = gates * hidden * (input_size + hidden + 1)
@@ -88,14 +89,17 @@ def _check_memory(count: int) -> None:
 
 
 def make_layer(cell: str, input_size: int, kwargs: dict) -> nn.Module:
-    """The layer; its own checks of the values become config errors naming the model."""
+    """The layer. Its constructor is the one check of the model's values: an error that starts with the argument's
+    name (`gamma_init must be > 0, got 0.0`) becomes a config error naming the key (`model.gamma_init must ...`)."""
     kwargs = dict(kwargs)
     hidden_size = kwargs.pop("hidden_size")
     num_layers = kwargs.pop("num_layers")
     try:
         return LAYER_CLASSES[cell](input_size, hidden_size, num_layers, **kwargs)
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"model: {error}") from None
+        message = str(error)
+        argument = message.split(" ", 1)[0].split("=", 1)[0]
+        raise ConfigError(f"model.{message}" if argument in layer_parameters(cell) else f"model: {message}") from None
 
 
 class SequenceClassifier(nn.Module):
@@ -138,9 +142,10 @@ class CharLanguageModel(nn.Module):
 
 
 def build_model(cfg: DictConfig) -> nn.Module:
-    """The task's network for this config (on the CPU; the trainer moves it). Bad model options, and a model too
-    large for this machine, are config errors raised before anything is allocated."""
-    kwargs = layer_kwargs(cfg.model, drop_stale=True)  # a run's saved config from before the contract builds too
+    """The task's network for this config (on the CPU; the trainer moves it): the one path from the model config
+    to the layer's constructor. Bad model options (the constructor's own checks), and a model too large for this
+    machine, are config errors raised before any data is loaded."""
+    kwargs = layer_kwargs(cfg.model)
     _check_memory(parameter_count(cfg.model.cell, cfg.task.input_size, cfg.task.num_classes, kwargs))
     recurrent = make_layer(cfg.model.cell, cfg.task.input_size, kwargs)
     head_init = cfg.task.head_init

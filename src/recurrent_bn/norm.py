@@ -54,6 +54,16 @@ def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> 
 # The per-slot population statistics of RecurrentBatchNorm, (slots, ...): saved up to the trained length only.
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
+# The one place for the initial γ of each normalization: batch norm's is the paper's 0.1 (1.0 saturates tanh and the
+# gradient through time vanishes; 0.01 or less was unstable), layer norm's is Ba et al.'s 1.0.
+DEFAULT_GAMMA = {"bn": 0.1, "ln": 1.0}
+
+
+def default_gamma(norm: str) -> float:
+    """The initial γ of a layer with this `norm` ("none", "vbn", "bn" or "ln"): layer norm's for "ln", else batch
+    norm's. The model configs read it too (`${rbn.default_gamma:${.norm}}`)."""
+    return DEFAULT_GAMMA["ln" if norm == "ln" else "bn"]
+
 
 class RecurrentBatchNorm(nn.Module):
     """Batch norm with per-timestep statistics: `gamma * (x - mean_t) / sqrt(var_t + eps) + beta` (paper eq. 5).
@@ -81,7 +91,7 @@ class RecurrentBatchNorm(nn.Module):
         num_features: int,
         max_length: int,
         *,
-        gamma_init: float = 0.1,
+        gamma_init: float = DEFAULT_GAMMA["bn"],
         learn_beta: bool = False,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
@@ -210,6 +220,19 @@ class RecurrentBatchNorm(nn.Module):
         last_active = torch.where(count > 0, step + 1, 0).max().clamp(max=self.slots)
         torch.maximum(self.trained_length, last_active, out=self.trained_length)
 
+    def record_pass(
+        self, mean: Tensor, var: Tensor, *, mask: Tensor | None, steps: int, batch: int, start_step: int = 0,
+        pooled: bool = False,
+    ) -> None:
+        """Fold the minibatch statistics of one pass over a sequence into the population, as every backend does after
+        its loop: per-timestep statistics (steps, F), each step weighted by its active examples (`mask` (steps, B),
+        or all `batch`), or with `pooled` one set pooled over batch and time (an input term shared over time)."""
+        count = example_count(mask, steps, batch, mean)
+        if pooled:
+            self.update_population(mean.reshape(1, -1), var.reshape(1, -1), count.sum(0, keepdim=True), 0)
+        else:
+            self.update_population(mean, var, count, start_step)
+
     def forward(self, x: Tensor, mask: Tensor | None = None, start_step: int = 0) -> Tensor:
         """Normalize a whole sequence `x` (T, B, F) at once; `mask` (T, B) marks the valid (unpadded) positions.
 
@@ -221,14 +244,13 @@ class RecurrentBatchNorm(nn.Module):
             mean, var = self.population_statistics(start_step, steps)
             return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
         refuse_single_example(x.shape[1] * (steps if self.share_statistics_over_time else 1))
-        count = example_count(mask, steps, x.shape[1], x)
         if self.share_statistics_over_time:
             flat_mask = None if mask is None else mask.reshape(1, -1)
             mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
-            self.update_population(mean.detach(), var.detach(), count.sum(0, keepdim=True), 0)
+            self.record_pass(mean.detach(), var.detach(), mask=mask, steps=steps, batch=x.shape[1], pooled=True)
             return self.normalize(x, mean, var)
         mean, var = batch_statistics(x, mask)
-        self.update_population(mean.detach(), var.detach(), count, start_step)
+        self.record_pass(mean.detach(), var.detach(), mask=mask, steps=steps, batch=x.shape[1], start_step=start_step)
         return self.normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
 
 
@@ -259,7 +281,9 @@ def batch_norms(module: nn.Module) -> list[RecurrentBatchNorm]:
 class RecurrentLayerNorm(nn.Module):
     """Layer norm over the last axis (Ba et al. 2016): `gamma * (x - mean) / sqrt(var + eps) + beta`, per example."""
 
-    def __init__(self, num_features: int, *, gamma_init: float = 1.0, learn_beta: bool = False, eps: float = 1e-5):
+    def __init__(
+        self, num_features: int, *, gamma_init: float = DEFAULT_GAMMA["ln"], learn_beta: bool = False, eps: float = 1e-5
+    ):
         super().__init__()
         self.num_features = num_features
         self.gamma_init = gamma_init

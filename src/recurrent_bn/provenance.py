@@ -8,19 +8,36 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import torch
+
+from recurrent_bn.config import CONF_DIR
+
+if TYPE_CHECKING:  # the trainer imports this module: pandas is not loaded for it
+    import pandas as pd
+
+
+def git_commit() -> str | None:
+    """The repository's HEAD commit, with "-dirty" when tracked files changed; None outside a git checkout."""
+    try:
+        repository = CONF_DIR.parent
+        commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except Exception:
+        return None
 
 
 def provenance(command: Sequence[str] | str | None = None, **extra) -> dict:
     """What produced an analysis file: the command, the machine, versions, the commit and the time."""
-    from recurrent_bn.trainer import git_commit
-
     if command is None:
         command = ["python", *sys.argv]
     cpu = platform.processor() or platform.machine()

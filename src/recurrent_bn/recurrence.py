@@ -2,8 +2,9 @@
 
 The input term (`W_x x_t`, normalized, plus the bias) covers every timestep at once; each step adds the recurrent
 term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
-plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and the switch to the
-fused CPU kernels of the LSTM (`fused.py`), which compute the same function with a hand-written backward.
+plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and whether the fused
+CPU kernels of the LSTM (`fused.py`, the same function with a hand-written backward) may be used in this process
+(`use_fused`, one step of `layers.pick_backend`, which chooses the loop).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics, example_count
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -29,12 +30,10 @@ def fused_available() -> bool:
 
 
 def use_fused(backend: str) -> bool:
-    """Whether a layer with this `backend` setting asks for the fused kernels.
+    """Whether a layer with this `backend` setting may use the fused kernels (a step of `layers.pick_backend`).
 
     "reference" never does; "fused" does, and raises if they are unavailable; "auto" does when they are available,
-    and otherwise warns once per process and runs the reference loops. The device and dtype are only known when
-    the loop runs: `lstm` falls back to the reference loop for tensors the kernels do not cover (not on the CPU,
-    or neither float32 nor float64), whatever the backend.
+    and otherwise warns once per process and runs the reference loops.
     """
     global _warned_unavailable
     if backend == "reference":
@@ -106,10 +105,8 @@ class StepNorm:
         """Fold the remembered minibatch statistics into the population statistics."""
         if self.kind != "batch":
             return
-        mean = torch.stack(self.means)
-        self.module.update_population(
-            mean, torch.stack(self.variances), example_count(self.mask, self.steps, batch, mean), self.start_step
-        )
+        self.module.record_pass(torch.stack(self.means), torch.stack(self.variances), mask=self.mask, steps=self.steps,
+                                batch=batch, start_step=self.start_step)
 
 
 def lstm(
@@ -122,7 +119,6 @@ def lstm(
     mask: Tensor | None,
     start_step: int = 0,
     *,
-    fused: bool = False,
     weight_ih: Tensor | None = None,
     norm_ih: nn.Module | None = None,
     bias: Tensor | None = None,
@@ -130,8 +126,8 @@ def lstm(
     """One LSTM layer's loop over time (paper eqs. 6-8 with the normalizations given, plain ones when None).
 
     The input term `norm_ih(W_x x_t) + b` does not depend on the recurrence: it is computed for every timestep
-    before the loop (in one matrix product and one vectorized normalization), or by the fused kernels in the same
-    pass as the gates.
+    before the loop, in one matrix product and one vectorized normalization. `fused.lstm` and `triton_lstm.lstm`
+    compute the same function on their kernels (`layers.pick_backend` chooses).
 
     Args:
         input_term: the layer input x (T, B, I) when `weight_ih` is given (the layers pass it so), otherwise the
@@ -142,23 +138,12 @@ def lstm(
         norm_c: normalization of `c_t` before the output tanh (H features) or None; c_t itself is carried.
         mask: (T, B) valid positions or None. Padded steps keep the state and output zeros.
         start_step: timestep index of input_term[0], which picks the batch-norm statistics.
-        fused: run the fused CPU kernels (see `use_fused`) if they cover these tensors.
         weight_ih: W_x (4H, I) or None.
         norm_ih: normalization of the projection (4H features) or None.
         bias: (4H) added to the normalized projection, or None.
 
     Returns the output (T, B, H) and the final h and c.
     """
-    # An empty batch runs the loop below, which returns empty outputs and states as torch.nn.LSTM does (the
-    # kernels cannot take one).
-    if fused and weight_ih is not None and input_term.shape[1] > 0 and _fused_covers(
-        input_term, weight_ih, h, c, weight_hh
-    ):
-        from recurrent_bn import fused as fused_kernels
-
-        return fused_kernels.lstm(
-            input_term, weight_ih, h, c, weight_hh, norm_ih, bias, norm_hh, norm_c, mask, start_step
-        )
     if weight_ih is not None:
         input_term = F.linear(input_term, weight_ih)
     if norm_ih is not None:
@@ -285,16 +270,14 @@ def rnn(
     nonlinearity: str,
     mask: Tensor | None,
     start_step: int = 0,
-    *,
-    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One RNN layer's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`.
 
     `norm_hh` normalizes the recurrent term alone ("separate" placement), `norm_sum` the whole pre-activation
     ("sum" placement); either may be None. Other arguments as for `lstm`.
 
-    The RNN has no fused kernels (the performance targets are the LSTM variants): it always runs this loop, and a
-    layer with backend "fused" or "auto" runs it too.
+    The RNN has no fused kernels (the performance targets are the LSTM variants): it always runs this loop,
+    whatever its layer's backend setting.
     """
     steps, batch = input_term.shape[:2]
     recurrent = StepNorm(norm_hh, steps, mask, start_step)
@@ -316,8 +299,3 @@ def rnn(
     total.finish(batch)
     return torch.stack(outputs), h
 
-
-def _fused_covers(*tensors: Tensor) -> bool:
-    from recurrent_bn import fused
-
-    return fused.supports(*tensors)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from recurrent_bn.config import CONF_DIR
-from recurrent_bn.models import build_model
+from recurrent_bn.models import build_model, drop_stale_keys
 
 log = logging.getLogger("recurrent_bn")
 
@@ -59,14 +59,19 @@ def find_run_dirs(root: Path) -> list[Path]:
 
 
 def load_run_config(run_dir: Path) -> DictConfig:
-    """A run's resolved config: `config.yaml`, else the copy inside `summary.json`."""
+    """A run's resolved config: `config.yaml`, else the copy inside `summary.json`; an RNN config saved before the
+    contract without the LSTM-only keys it never used (`models.drop_stale_keys`), so that `build_model` takes it."""
     run_dir = Path(run_dir)
     if (run_dir / "config.yaml").is_file():
-        return OmegaConf.load(run_dir / "config.yaml")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    if not summary.get("config"):
-        raise FileNotFoundError(f"{run_dir} has neither config.yaml nor a config in summary.json")
-    return OmegaConf.create(summary["config"])
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+    else:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if not summary.get("config"):
+            raise FileNotFoundError(f"{run_dir} has neither config.yaml nor a config in summary.json")
+        cfg = OmegaConf.create(summary["config"])
+    if "model" in cfg:
+        cfg.model = drop_stale_keys(cfg.model)
+    return cfg
 
 
 def effective_norm_terms(model_cfg) -> str:

@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ from recurrent_bn.logs import MetricsCSV, WandbRun, write_json
 from recurrent_bn.models import build_model
 from recurrent_bn.norm import batch_norms
 from recurrent_bn.optim import make_optimizer, make_scheduler
+from recurrent_bn.provenance import git_commit
 from recurrent_bn.run_dir import claim, is_disk_full, remove_temporaries
 from recurrent_bn.tasks import Task
 
@@ -79,18 +79,6 @@ def save_atomic(content: dict, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def git_commit() -> str | None:
-    try:
-        repository = CONF_DIR.parent
-        commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except Exception:
-        return None
-
-
 class StopSignal:
     """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the current step (clusters preempt jobs)."""
 
@@ -125,7 +113,7 @@ class Window:
         self.sequences = 0
         self.seconds = 0.0
 
-    def add(self, loss: torch.Tensor, metric: torch.Tensor, grad_norm: torch.Tensor, count: int, sequences: int):
+    def add(self, loss: torch.Tensor, metric: torch.Tensor, grad_norm: torch.Tensor, *, count: int, sequences: int):
         self.sums += torch.stack([loss.detach().double() * count, metric.detach().double(),
                                   grad_norm.detach().double()])
         self.count += count
@@ -202,17 +190,17 @@ def training_step(parts: Parts, step_model: torch.nn.Module, autocast, clip_grad
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.model.parameters(), clip_grad_norm or float("inf"))
     parts.optimizer.step()
     parts.scheduler.step()
-    parts.window.add(loss, metric, grad_norm, count, x.shape[1])
+    parts.window.add(loss, metric, grad_norm, count=count, sequences=x.shape[1])
 
 
-def keep_if_best(result: dict, progress: Progress, task: Task, select_key: str, model: torch.nn.Module,
-                 best_path: Path) -> None:
+def keep_if_best(run: Run, result: dict, progress: Progress, model: torch.nn.Module) -> None:
     """best.pt when the selected quantity improved (higher accuracy, lower bpc or error rate)."""
+    task, select_key = run.task, run.select_key
     value, best = result[select_key], progress.best
     higher_is_better = task.higher_is_better and select_key == task.metric
     if best is None or (value > best if higher_is_better else value < best):
         progress.best, progress.best_step, progress.best_metric = value, progress.step, result[task.metric]
-        save_atomic({"model": model.state_dict(), "step": progress.step, "metric": value}, best_path)
+        save_atomic({"model": model.state_dict(), "step": progress.step, "metric": value}, run.best_path)
 
 
 class ScaleWarning:
@@ -280,6 +268,26 @@ class Parts:
     window: Window
 
 
+@dataclass(frozen=True)
+class Run:
+    """What one run fixes at its start and the loop's helpers read: its config, directory, data and device, and
+    the quantity that selects best.pt."""
+
+    cfg: DictConfig
+    run_dir: Path
+    task: Task
+    device: torch.device
+    select_key: str  # the task metric, or "error" (the authors' choice): `trainer.select_by`
+
+    @property
+    def last_path(self) -> Path:
+        return self.run_dir / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.run_dir / "best.pt"
+
+
 def set_up_runtime(trainer_cfg: DictConfig) -> torch.device:
     device = pick_device(str(trainer_cfg.device))
     if trainer_cfg.threads:
@@ -307,14 +315,15 @@ def load_task(cfg: DictConfig, device: torch.device) -> Task:
         raise ConfigError(f"task.{message}" if "=" in message.split(" ", 1)[0] else f"task: {message}") from None
 
 
-def save_checkpoint(path: Path, parts: Parts, progress: Progress, elapsed: float, cfg: DictConfig) -> None:
+def save_checkpoint(run: Run, parts: Parts, progress: Progress, elapsed: float) -> None:
+    """last.pt: everything a resume needs to continue exactly, with the resolved config."""
     save_atomic({
         "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "data": parts.task.train.state_dict(),
         "window": parts.window.state_dict(), "rng": _rng_state(), "step": progress.step, "best": progress.best,
         "best_metric": progress.best_metric, "best_step": progress.best_step, "elapsed_s": elapsed,
-        "wandb_id": progress.wandb_id, "config": OmegaConf.to_yaml(cfg, resolve=True),
-    }, path)
+        "wandb_id": progress.wandb_id, "config": OmegaConf.to_yaml(run.cfg, resolve=True),
+    }, run.last_path)
     progress.saved_step = progress.step
 
 
@@ -339,21 +348,22 @@ def load_checkpoint(path: Path, parts: Parts, device: torch.device, progress: Pr
     progress.elapsed_before, progress.wandb_id = float(checkpoint["elapsed_s"]), checkpoint.get("wandb_id")
 
 
-def write_run_files(cfg: DictConfig, run_dir: Path, task: Task) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    if task.order is not None:
-        write_json(run_dir / "pixel_order.json", {"permutation": cfg.task.permutation, "order": task.order.tolist()})
+def write_run_files(run: Run) -> None:
+    (run.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(run.cfg, resolve=True))
+    if run.task.order is not None:
+        write_json(run.run_dir / "pixel_order.json",
+                   {"permutation": run.cfg.task.permutation, "order": run.task.order.tolist()})
 
 
-def first_summary(cfg: DictConfig, run_dir: Path, task: Task, device: torch.device, progress: Progress,
-                  select_key: str, config_dict: dict) -> dict:
+def first_summary(run: Run, progress: Progress, config_dict: dict) -> dict:
+    cfg = run.cfg
     return {
-        "status": "running", "task": cfg.task.name, "model": cfg.model.name, "metric": task.metric,
-        "selected_by": select_key, "valid_statistics": cfg.trainer.valid_statistics,
+        "status": "running", "task": cfg.task.name, "model": cfg.model.name, "metric": run.task.metric,
+        "selected_by": run.select_key, "valid_statistics": cfg.trainer.valid_statistics,
         "best_valid_metric": progress.best_metric, "best_valid_selected": progress.best,
         "best_step": progress.best_step, "test_metric": None, "steps": progress.step,
-        "device": str(device), "torch_version": torch.__version__, "recurrent_bn_version": __version__,
-        "git_commit": git_commit(), "run_dir": str(run_dir), "config": config_dict,
+        "device": str(run.device), "torch_version": torch.__version__, "recurrent_bn_version": __version__,
+        "git_commit": git_commit(), "run_dir": str(run.run_dir), "config": config_dict,
     }
 
 
@@ -368,21 +378,21 @@ def finished_already(run_dir: Path, max_steps: int) -> dict | None:
     return None
 
 
-def check_finite(window: Window, step: int, run_dir: Path, progress: Progress, checkpoint_every: int) -> list[float]:
+def check_finite(run: Run, window: Window, step: int, progress: Progress) -> list[float]:
     values = window.values()
     if not all(math.isfinite(v) for v in values):
         first = step - window.steps + 1
         where = f"at step {step}" if first == step else f"between steps {first} and {step}"
         if progress.saved_step is not None:
-            kept = f"{run_dir / 'last.pt'} (step {progress.saved_step}) holds the last good checkpoint"
+            kept = f"{run.last_path} (step {progress.saved_step}) holds the last good checkpoint"
         else:
-            kept = f"no checkpoint was written yet (the first was due at step {checkpoint_every})"
+            kept = f"no checkpoint was written yet (the first was due at step {run.cfg.trainer.checkpoint_every})"
         raise Diverged(f"loss or gradient became non-finite {where}; {kept}: try a smaller optim.lr or "
                        "trainer.clip_grad_norm")
     return values
 
 
-def train_row(task: Task, window: Window, step: int, lr: float, elapsed: float) -> dict:
+def train_row(task: Task, window: Window, *, step: int, lr: float, elapsed: float) -> dict:
     loss_sum, metric_sum, grad_sum = window.values()
     return {"step": step, "split": "train", **task.summarize(loss_sum, metric_sum, window.count),
             "grad_norm": grad_sum / window.steps, "lr": lr, "elapsed_s": elapsed,
@@ -435,12 +445,11 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
     if trainer_cfg.compile:
         step_model = torch.compile(model, mode=None if trainer_cfg.compile == "default" else trainer_cfg.compile)
     # The checkpoint kept for the test: the best task metric, or the lowest error rate (the authors' choice).
-    select_key = task.metric if trainer_cfg.select_by == "metric" else "error"
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    run = Run(cfg, run_dir, task, device, select_key=task.metric if trainer_cfg.select_by == "metric" else "error")
     if resumed:
-        load_checkpoint(last_path, parts, device, progress)
+        load_checkpoint(run.last_path, parts, device, progress)
         log.info("resuming %s at step %d", run_dir, progress.step)
-    write_run_files(cfg, run_dir, task)
+    write_run_files(run)
 
     # A resume redoes the steps after its checkpoint, and the test at the end: their old rows go.
     metrics = MetricsCSV(run_dir / "metrics.csv", keep_through_step=progress.step if cfg.resume else None,
@@ -449,7 +458,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
     wandb_run = WandbRun(cfg.logger, config_dict, run_dir, f"{cfg.task.name}-{cfg.model.name}-{run_dir.name}",
                          run_id=progress.wandb_id)
     progress.wandb_id = wandb_run.id
-    summary = first_summary(cfg, run_dir, task, device, progress, select_key, config_dict)
+    summary = first_summary(run, progress, config_dict)
     session_start = time.time()
 
     def elapsed() -> float:
@@ -477,9 +486,10 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
 
                 # a train row
                 if step % trainer_cfg.log_every == 0 or last_step:
-                    check_finite(parts.window, step, run_dir, progress, trainer_cfg.checkpoint_every)
+                    check_finite(run, parts.window, step, progress)
                     parts.window.seconds += time.time() - window_clock
-                    row = train_row(task, parts.window, step, parts.scheduler.get_last_lr()[0], elapsed())
+                    row = train_row(task, parts.window, step=step, lr=parts.scheduler.get_last_lr()[0],
+                                    elapsed=elapsed())
                     write(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", **{task.metric: f"{row[task.metric]:.4f}"},
                                     seq_s=f"{row['seq_per_s']:.0f}")
@@ -493,15 +503,15 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
                     write({"step": step, "split": "valid", **result, "elapsed_s": elapsed()})
                     log.info("step %d | valid loss %.4f %s %.4f error %.4f | %.0f s", step, result["loss"],
                              task.metric, result[task.metric], result["error"], elapsed())
-                    keep_if_best(result, progress, task, select_key, model, best_path)
+                    keep_if_best(run, result, progress, model)
                     summary.update(best_valid_metric=progress.best_metric, best_valid_selected=progress.best,
                                    best_step=progress.best_step, steps=step)
                     window_clock += time.time() - eval_start  # throughput counts training time only
 
                 # last.pt, and a clean stop on SIGTERM/SIGINT
                 if stop.requested or step % trainer_cfg.checkpoint_every == 0 or last_step:
-                    check_finite(parts.window, step, run_dir, progress, trainer_cfg.checkpoint_every)
-                    save_checkpoint(last_path, parts, progress, elapsed(), cfg)
+                    check_finite(run, parts.window, step, progress)
+                    save_checkpoint(run, parts, progress, elapsed())
                 if stop.requested:
                     status = "interrupted"
                     log.warning("%s: stopped at step %d; continue with: python -m recurrent_bn.train resume=%s",
@@ -509,7 +519,7 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
                     break
         bar.close()
         if status == "completed" and trainer_cfg.final_test:
-            summary.update(final_test(cfg, task, model, best_path, run_dir, write, autocast))
+            summary.update(final_test(run, model, write=write, autocast=autocast))
     except Diverged as diverged:
         status, error = "diverged", str(diverged)
         raise
@@ -521,11 +531,11 @@ def _train(cfg: DictConfig, run_dir: Path, resumed: bool, progress: Progress) ->
     finally:
         bar.close()
         summary.update(status=status, error=error, steps=progress.step, wall_time_s=elapsed())
-        close_records(run_dir, metrics, wandb_run, summary, status)
+        close_records(run_dir, metrics, wandb_run, summary=summary, status=status)
     return summary
 
 
-def close_records(run_dir: Path, metrics: MetricsCSV, wandb_run: WandbRun, summary: dict, status: str) -> None:
+def close_records(run_dir: Path, metrics: MetricsCSV, wandb_run: WandbRun, *, summary: dict, status: str) -> None:
     """Close metrics.csv, write summary.json and finish wandb, each on its own: one failing (a full disk) neither
     hides the others nor the error that ended the run."""
     with contextlib.suppress(OSError):
@@ -538,13 +548,13 @@ def close_records(run_dir: Path, metrics: MetricsCSV, wandb_run: WandbRun, summa
     wandb_run.finish(summary, exit_code=0 if status in ("completed", "interrupted") else 1)
 
 
-def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: Path, run_dir: Path, write,
-               autocast) -> dict:
+def final_test(run: Run, model: torch.nn.Module, *, write, autocast) -> dict:
     """Test the best checkpoint after re-estimating its population statistics over the training set (the paper's
     protocol); save the re-estimated model as final.pt."""
+    cfg, task = run.cfg, run.task
     best_step = None
-    if best_path.exists():
-        best = torch.load(best_path, map_location=task.device, weights_only=True)
+    if run.best_path.exists():
+        best = torch.load(run.best_path, map_location=task.device, weights_only=True)
         model.load_state_dict(best["model"])
         best_step = int(best["step"])
     estimated = 0
@@ -552,7 +562,8 @@ def final_test(cfg: DictConfig, task: Task, model: torch.nn.Module, best_path: P
         with autocast:
             inputs = task.estimation_inputs(cfg.trainer.estimate_batches, cfg.trainer.estimate_batch_size)
             estimated = estimate_population_statistics(model, inputs)
-    save_atomic({"model": model.state_dict(), "step": best_step, "estimated_batches": estimated}, run_dir / "final.pt")
+    save_atomic({"model": model.state_dict(), "step": best_step, "estimated_batches": estimated},
+                run.run_dir / "final.pt")
     step = best_step or 0
     out = {"test_step": best_step, "estimation_batches": estimated}
     if task.kind == "language_model":

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import example_count, loop_term
+from recurrent_bn.norm import loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
 # How a term is normalized; the kernels use the same numbers.
@@ -270,8 +270,8 @@ def lstm(
     }
     tensors = [t for _, _, group in terms for t in group]
     output, h_n, c_n = TritonLSTMFunction.apply(config, input_term, h, c, weight_hh, weights.contiguous(), *tensors)
-    # The population statistics, as the reference updates them (StepNorm.finish).
+    # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
     for (kind, _, _), module, (mean, var) in zip(terms, (norm_hh, norm_c), config["stats"], strict=True):
         if kind == BATCH:
-            module.update_population(mean, var, example_count(mask, steps, batch, mean), start_step)
+            module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step)
     return output, h_n, c_n
