@@ -711,3 +711,49 @@ def test_a_padded_batch_with_one_active_sequence_at_some_steps_trains(backend):
     x = torch.randn(4, 2, 2)
     lengths = torch.tensor([4, 1])  # from the second step on, one active sequence
     assert_close(model(x, lengths=lengths)[0], reference(x, lengths=lengths)[0])
+
+
+@pytest.mark.parametrize("build", [
+    lambda: rb.LSTM(3, 4, 2, norm="bn", max_length=5, bidirectional=True),
+    lambda: rb.LSTM(3, 4, norm="ln", max_length=5, cell_bias=True),
+    lambda: rb.LSTM(3, 4, norm="none"),
+    lambda: rb.RNN(3, 4, norm="bn", max_length=5),
+    lambda: rb.LSTMCell(3, 4, norm="bn", max_length=5),
+    lambda: rb.RNNCell(3, 4, norm="ln", max_length=5),
+], ids=["bn-lstm", "ln-lstm", "lstm", "bn-rnn", "bn-cell", "ln-rnn-cell"])
+def test_a_whole_saved_model_loads_under_torch_loads_default_weights_only(build, tmp_path):
+    # Code written for nn.LSTM saves the module itself and reloads it with torch.load's default (weights_only=True):
+    # "Unsupported global: GLOBAL recurrent_bn.layers.LSTM" before the package registered its classes.
+    torch.manual_seed(0)
+    model = build()
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt")
+    assert type(loaded) is type(model)
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("mistake", ["features", "state shape", "no timesteps"])
+@pytest.mark.parametrize("make", [lambda: torch.nn.LSTM(3, 4, 2), lambda: rb.LSTM(3, 4, 2, norm="bn", max_length=5)],
+                         ids=["torch", "ours"])
+def test_wrong_inputs_raise_a_runtime_error_as_torch_lstm_does(make, mistake):
+    # Code written for nn.LSTM catches RuntimeError; ours is also a ValueError with a message saying what to pass.
+    model, x, state = make(), torch.randn(5, 2, 3), None
+    if mistake == "features":
+        x = torch.randn(5, 2, 7)
+    elif mistake == "state shape":
+        state = (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+    else:
+        x = torch.randn(0, 2, 3)
+    with pytest.raises(RuntimeError):
+        model(x, state)
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.LSTMCell(3, 4), lambda: rb.LSTMCell(3, 4, norm="ln")],
+                         ids=["torch", "ours"])
+def test_wrong_cell_inputs_raise_a_runtime_error_as_torch_lstm_cell_does(make):
+    cell = make()
+    with pytest.raises(RuntimeError):
+        cell(torch.randn(2, 7))
+    with pytest.raises(RuntimeError):
+        cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4)))

@@ -8,9 +8,15 @@
     h, c = cell(x[t], (h, c), step=t)                    # one step of the layer, for loops of your own
 """
 
+import torch
+
 from recurrent_bn.cells import LSTMCell, RNNCell
 from recurrent_bn.layers import LSTM, RNN, estimate_population_statistics
-from recurrent_bn.norm import RecurrentBatchNorm, RecurrentLayerNorm
+from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm
+
+# A whole model saved with torch.save(model) loads under torch.load's default weights_only=True, as a model of
+# torch.nn's own layers does: the package's modules hold only tensors, numbers and strings.
+torch.serialization.add_safe_globals([LSTM, RNN, LSTMCell, RNNCell, RecurrentBatchNorm, RecurrentLayerNorm, CellShift])
 
 __all__ = [
     "LSTM", "LSTMCell", "RNN", "RNNCell", "RecurrentBatchNorm", "RecurrentLayerNorm", "estimate_population_statistics",

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn import recurrence
+from recurrent_bn.errors import InputError
 from recurrent_bn.layers import (
     NONLINEARITIES,
     ORTHOGONAL_SCOPES,
@@ -77,7 +78,7 @@ class _RecurrentCell(nn.Module):
 
     def _check(self, input: Tensor, states: list[Tensor | None], step: int | None, mask: Tensor | None):
         if input.dim() != 2 or input.shape[1] != self.input_size:
-            raise ValueError(f"input must be (B, {self.input_size}), one timestep of a batch; got {tuple(input.shape)}")
+            raise InputError(f"input must be (B, {self.input_size}), one timestep of a batch; got {tuple(input.shape)}")
         batch = input.shape[0]
         if step is None:
             if any(isinstance(getattr(self, n, None), RecurrentBatchNorm) for n in self.norm_names):
@@ -91,11 +92,11 @@ class _RecurrentCell(nn.Module):
         states = [input.new_zeros(batch, self.hidden_size) if s is None else s for s in states]
         for state in states:
             if state.shape != (batch, self.hidden_size):
-                raise ValueError(f"state has shape {tuple(state.shape)}, expected {(batch, self.hidden_size)}")
+                raise InputError(f"state has shape {tuple(state.shape)}, expected {(batch, self.hidden_size)}")
         if mask is not None:
             mask = torch.as_tensor(mask, device=input.device)
             if mask.shape != (batch,) or mask.dtype != torch.bool:
-                raise ValueError(f"mask must be a bool tensor of shape ({batch},), got {tuple(mask.shape)}")
+                raise InputError(f"mask must be a bool tensor of shape ({batch},), got {tuple(mask.shape)}")
         return states, step, mask
 
     def _step_norms(self, step: int, mask: Tensor | None) -> dict[str, StepNorm]:
@@ -202,7 +203,7 @@ class LSTMCell(_RecurrentCell):
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         if hx is not None and not (isinstance(hx, tuple | list) and len(hx) == 2):
-            raise ValueError("hx of an LSTMCell is a tuple (h, c) of (B, hidden_size) tensors, or None for zeros")
+            raise InputError("hx of an LSTMCell is a tuple (h, c) of (B, hidden_size) tensors, or None for zeros")
         (h, c), step, mask = self._check(input, [None, None] if hx is None else list(hx), step, mask)
         norms = self._step_norms(step, mask)
         input_term = norms["norm_ih"](F.linear(input, self.weight_ih), 0)

@@ -15,3 +15,9 @@ class DataNotFoundError(UserError):
 
 class DataCorruptError(UserError):
     """A dataset file is present but fails its checksum or format check."""
+
+
+class InputError(ValueError, RuntimeError):
+    """An input or state a layer or cell cannot take (its shape, its lengths): a ValueError whose message says what
+    is expected, and a RuntimeError too, which is what torch.nn.LSTM raises for the same mistakes, so code written
+    for it catches ours."""

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from recurrent_bn import recurrence
+from recurrent_bn.errors import InputError
 from recurrent_bn.norm import (
     CellShift,
     RecurrentBatchNorm,
@@ -377,7 +378,7 @@ class _RecurrentStack(nn.Module):
             expected = (self.num_layers * self.num_directions, batch, self.hidden_size)
             for state in states:
                 if state.shape != expected:
-                    raise ValueError(f"initial state has shape {tuple(state.shape)}, expected {expected}")
+                    raise InputError(f"initial state has shape {tuple(state.shape)}, expected {expected}")
             return states
         if self.learn_initial_state:
             states = [s.unsqueeze(1).expand(-1, batch, -1) for s in self.initial_state]
@@ -399,23 +400,23 @@ class _RecurrentStack(nn.Module):
     ) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """The input time-major, the (T, B) mask of valid positions and the lengths (None without lengths)."""
         if input.dim() != 3:
-            raise ValueError(f"input must be 3-D (T, B, {self.input_size}) or batch-first, got {tuple(input.shape)}")
+            raise InputError(f"input must be 3-D (T, B, {self.input_size}) or batch-first, got {tuple(input.shape)}")
         if batch_first:
             input = input.transpose(0, 1)
         if input.shape[-1] != self.input_size:
-            raise ValueError(f"input has {input.shape[-1]} features, expected input_size={self.input_size}")
+            raise InputError(f"input has {input.shape[-1]} features, expected input_size={self.input_size}")
         if input.shape[0] == 0:
-            raise ValueError("input has no timesteps")
+            raise InputError("input has no timesteps")
         if lengths is None:
             return input, None, None
         lengths = torch.as_tensor(lengths)
         if lengths.shape != (input.shape[1],):
-            raise ValueError(f"lengths must have shape ({input.shape[1]},), got {tuple(lengths.shape)}")
+            raise InputError(f"lengths must have shape ({input.shape[1]},), got {tuple(lengths.shape)}")
         # Checked where it costs no device synchronisation (lengths are usually on the CPU, as torch's packing wants).
         if lengths.device.type == "cpu" and len(lengths) and not 0 <= int(lengths.min()) <= int(lengths.max()) <= (
             input.shape[0]
         ):
-            raise ValueError(f"lengths must be in [0, {input.shape[0]}] (the number of timesteps)")
+            raise InputError(f"lengths must be in [0, {input.shape[0]}] (the number of timesteps)")
         lengths = lengths.to(input.device)
         steps = torch.arange(input.shape[0], device=input.device)
         return input, steps[:, None] < lengths[None, :], lengths
