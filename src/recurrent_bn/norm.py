@@ -51,6 +51,19 @@ def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> 
     return mask.to(like.dtype).sum(-1)
 
 
+def normalize(x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
+    """`gamma * (x - mean) / sqrt(var + eps) + beta` (beta None: no shift), statistics broadcast against x."""
+    y = (x - mean) * torch.rsqrt(var + eps) * gamma
+    return y if beta is None else y + beta
+
+
+def population_map(x: Tensor, mean: Tensor, scale: Tensor, beta: Tensor | None) -> Tensor:
+    """`(x - mean) * scale + beta`: a batch norm with fixed statistics (`RecurrentBatchNorm.scale`). Never folded into
+    `x * scale + (beta - mean * scale)`, which cancels in float32 when |mean| >> std."""
+    y = (x - mean) * scale
+    return y if beta is None else y + beta
+
+
 # The per-slot population statistics of RecurrentBatchNorm, (slots, ...): saved up to the trained length only.
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -182,8 +195,7 @@ class RecurrentBatchNorm(nn.Module):
 
     def normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
         """`gamma * (x - mean) / sqrt(var + eps) + beta` with statistics broadcast against x."""
-        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight
-        return y if self.bias is None else y + self.bias
+        return normalize(x, mean, var, self.weight, self.bias, self.eps)
 
     @torch.no_grad()
     def update_population(self, mean: Tensor, var: Tensor, count: Tensor, start_step: int = 0) -> None:

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import CellShift, RecurrentBatchNorm, RecurrentLayerNorm, batch_statistics
+from recurrent_bn.norm import (
+    CellShift,
+    RecurrentBatchNorm,
+    RecurrentLayerNorm,
+    batch_statistics,
+    normalize,
+    population_map,
+)
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -94,8 +101,7 @@ class StepNorm:
         if self.kind == "layer":
             return self.module(x)
         if self.kind == "affine":
-            y = (x - self.mean[step]) * self.scale[step]
-            return y if self.module.bias is None else y + self.module.bias
+            return population_map(x, self.mean[step], self.scale[step], self.module.bias)
         mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
         self.means.append(mean.detach())
         self.variances.append(var.detach())
@@ -207,10 +213,6 @@ class DescribedNorm:
         self.kind, self.eps, self.mask = kind, float(eps), mask
         self.gamma, self.beta, self.scale, self.mean = tensors
 
-    def _normalize(self, x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
-        y = (x - mean) * torch.rsqrt(var + self.eps) * self.gamma
-        return y if self.beta is None else y + self.beta
-
     def __call__(self, x: Tensor, step: int) -> Tensor:
         """The term x (B, F) of timestep `step`."""
         if self.kind == "none":
@@ -218,10 +220,10 @@ class DescribedNorm:
         if self.kind == "layer":
             return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
         if self.kind == "affine":
-            y = (x - self.mean[step]) * self.scale[step]
-            return y if self.beta is None else y + self.beta
+            return population_map(x, self.mean[step], self.scale[step], self.beta)
         if self.kind == "batch":
-            return self._normalize(x, *batch_statistics(x, None if self.mask is None else self.mask[step]))
+            mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
+            return normalize(x, mean, var, self.gamma, self.beta, self.eps)
         raise ValueError(f"a '{self.kind}' term pools statistics over time: normalize it with `sequence`")
 
     def sequence(self, x: Tensor) -> Tensor:
@@ -229,13 +231,12 @@ class DescribedNorm:
         if self.kind == "shared":
             flat_mask = None if self.mask is None else self.mask.reshape(1, -1)
             mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
-            return self._normalize(x, mean, var)
+            return normalize(x, mean, var, self.gamma, self.beta, self.eps)
         if self.kind == "batch":
             mean, var = batch_statistics(x, self.mask)
-            return self._normalize(x, mean.unsqueeze(1), var.unsqueeze(1))
+            return normalize(x, mean.unsqueeze(1), var.unsqueeze(1), self.gamma, self.beta, self.eps)
         if self.kind == "affine":
-            y = (x - self.mean.unsqueeze(1)) * self.scale.unsqueeze(1)
-            return y if self.beta is None else y + self.beta
+            return population_map(x, self.mean.unsqueeze(1), self.scale.unsqueeze(1), self.beta)
         return self(x, 0)
 
 
