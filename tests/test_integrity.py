@@ -25,7 +25,8 @@ import yaml
 from recurrent_bn import trainer
 from recurrent_bn.config import CONF_DIR, check_added_keys
 from recurrent_bn.errors import ConfigError, UserError
-from recurrent_bn.run_dir import RunDirBusy, claim
+from recurrent_bn.provenance import git_commit
+from recurrent_bn.run_dir import RunDirBusy, claim, record_resume
 from recurrent_bn.trainer import Diverged, train
 
 REPO = CONF_DIR.parent
@@ -112,6 +113,15 @@ def test_a_claim_holds_the_kernel_lock_and_a_held_lock_refuses_the_claim_and_the
 
 
 # ------------------------------------------------- 2, 4, 5. resume keeps the record, composes, and tests once
+
+
+def test_each_resume_records_the_commit_of_the_code_that_continued_the_run(tmp_path):
+    # a campaign run resumed in a later session may continue on newer code: its record says which
+    record_resume(tmp_path, ["a=1"])
+    record_resume(tmp_path, ["b=2"])
+    resumes = yaml.safe_load((tmp_path / "resumes.yaml").read_text())
+    assert [entry["overrides"] for entry in resumes] == [["a=1"], ["b=2"]]
+    assert git_commit() is not None and [entry["git_commit"] for entry in resumes] == [git_commit()] * 2
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from recurrent_bn.errors import UserError
+from recurrent_bn.provenance import git_commit
 
 LOCK = ".lock"
 RESUMES = "resumes.yaml"
@@ -126,10 +127,12 @@ def record_start(run_dir: Path, files: dict[str, object]) -> None:
 
 
 def record_resume(run_dir: Path, overrides: list[str]) -> None:
-    """Append one resume (UTC time and its overrides) to `resumes.yaml`; the start's record is left as it was."""
+    """Append one resume (UTC time, the code's commit and the overrides) to `resumes.yaml`; the start's record is
+    left as it was. The commit is there because a long run resumed in a later session may continue on newer code."""
     path = Path(run_dir) / RESUMES
     resumes = (yaml.safe_load(path.read_text()) or []) if path.is_file() else []
-    resumes.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "overrides": list(overrides)})
+    resumes.append({"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "git_commit": git_commit(),
+                    "overrides": list(overrides)})
     temporary = path.with_suffix(".tmp")
     temporary.write_text(yaml.safe_dump(resumes, sort_keys=False))
     os.replace(temporary, path)
