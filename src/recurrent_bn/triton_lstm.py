@@ -11,8 +11,14 @@ population statistics become per-timestep maps `(x - mean_t) * scale_t + β` bef
 `x * scale_t + shift_t`, which cancels in float32 when |mean| >> std). The batch statistics the
 kernels compute update the population statistics after the loop, with the calls the reference makes.
 
-Under CUDA autocast the loop runs in float32 (`custom_fwd(cast_inputs=float32)`): the input product is in the autocast
-dtype, the statistics, states and per-step products are float32.
+Under autocast (CUDA's, or the CPU's in the tests) the loop runs in float32: the input product is in the autocast
+dtype, the statistics, states and per-step products are float32. The cast is done here rather than by
+`custom_fwd(cast_inputs=...)`, which copies every dict argument and is tied to one device type.
+
+A layer call never waits for the device (no `torch.tensor` from Python numbers, no `.item()`): the constants the kernels
+read from memory are built once per (values, dtype, device) with fills, and the batch statistics come back as outputs
+of the autograd function. That is also what CUDA-graph capture needs. Every launch runs under the tensors' device
+(`on_device`): Triton launches on the current CUDA device, which need not be the tensors' (`trainer.device=cuda:1`).
 
 On the CPU the kernels only run under Triton's interpreter, `TRITON_INTERPRET=1` set before this module is first
 imported (for tests: slow, one program after another).
@@ -20,8 +26,10 @@ imported (for tests: slow, one program after another).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -55,9 +63,9 @@ def unusable_reason(x: Tensor) -> str | None:
     if _import_error is not None:
         return f"backend='triton' needs triton, which cannot be imported ({_import_error}); use backend='reference'"
     if x.device.type == "cuda":
-        if x.dtype != torch.float32:
-            return (f"backend='triton' on a GPU takes float32 parameters and inputs (bf16 through autocast), got "
-                    f"{x.dtype}; use backend='reference'")
+        if x.dtype not in (torch.float32, torch.float64):
+            return (f"backend='triton' on a GPU takes float32 or float64 parameters and inputs (bf16 through "
+                    f"autocast), got {x.dtype}; use backend='reference'")
         return None
     if x.device.type == "cpu":
         if not INTERPRETED:
@@ -70,8 +78,38 @@ def unusable_reason(x: Tensor) -> str | None:
 
 
 def covers(x: Tensor) -> bool:
-    """Whether `backend="auto"` takes the Triton path for `x`: a CUDA tensor the kernels take."""
-    return x.device.type == "cuda" and unusable_reason(x) is None
+    """Whether `backend="auto"` takes the Triton path for `x`: a CUDA tensor the kernels take. A CUDA tensor they do
+    not take (bf16/fp16 parameters) goes to the reference loop, tens of times slower: say so, once per dtype."""
+    if x.device.type != "cuda":
+        return False
+    reason = unusable_reason(x)
+    if reason is not None and x.dtype not in _warned_dtypes:
+        _warned_dtypes.add(x.dtype)
+        warnings.warn(f"backend='auto' runs the slow reference loop for {x.dtype} CUDA tensors: the Triton kernels "
+                      "take float32 or float64 parameters; keep them float32 and use bf16 through autocast",
+                      stacklevel=3)
+    return reason is None
+
+
+_warned_dtypes: set[torch.dtype] = set()
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context the kernels launch in: `device` current for CUDA tensors (Triton launches on the current device,
+    cuBLAS follows the tensors), nothing otherwise."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.lru_cache(maxsize=64)
+def eps_tensor(eps_recurrent: float, eps_cell: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """[eps_recurrent, eps_cell] in the working dtype on `device`, built once: filled on the device (a `torch.tensor`
+    from Python numbers would be a host-to-device copy that waits for the stream and breaks graph capture) and
+    reused by every later call, which a captured graph needs. The kernels read eps from memory because a float
+    argument would be rounded to float32."""
+    eps = torch.empty(2, dtype=dtype, device=device)
+    eps[0].fill_(eps_recurrent)
+    eps[1].fill_(eps_cell)
+    return eps
 
 
 def check(x: Tensor) -> None:
@@ -125,9 +163,10 @@ def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
         "rs": new(steps, batch, gates_size) if kr != NONE else dummy, "cs": new(steps, batch, hidden),
     }
     for name, kind, size in (("r", kr, gates_size), ("c", kc, hidden)):
-        shape = {BATCH: (steps, size), LAYER: (steps, batch)}.get(kind)
-        saved[f"{name}mean"] = dummy if shape is None else new(shape)
-        saved[f"{name}var"] = dummy if shape is None else new(shape)
+        # (0,) where a term has no statistics: they are outputs of the autograd function, each its own tensor.
+        shape = {BATCH: (steps, size), LAYER: (steps, batch)}.get(kind, (0,))
+        saved[f"{name}mean"] = new(shape)
+        saved[f"{name}var"] = new(shape)
     rows = layout((kr, kc)) == "rows"
     launch = launch_config(batch, hidden, rows)
     kernel = kernels.lstm_step_forward_rows if rows else kernels.lstm_step_forward_columns
@@ -135,43 +174,44 @@ def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
     params = [dummy if p is None else p for p in (*recurrent, *cell)]
     weight_hh_t = weight_hh.t()
     r = new(batch, gates_size)
-    for step in range(steps):
-        torch.mm(h[step], weight_hh_t, out=r)
-        kernel(
-            step, batch, hidden, r, x, h, c, saved["out"], saved["gates"], saved["rs"], saved["cs"], mask,
-            *params[:4], saved["rmean"], saved["rvar"], *params[4:], saved["cmean"], saved["cvar"], config["eps"],
-            KR=kr, KC=kc, HAS_BETA_R=recurrent[1] is not None, HAS_BETA_C=cell[1] is not None,
-            num_warps=launch["num_warps"], **launch["blocks"],
-        )
+    eps = eps_tensor(*config["eps"], x.dtype, x.device)
+    with on_device(x.device):
+        for step in range(steps):
+            torch.mm(h[step], weight_hh_t, out=r)
+            kernel(
+                step, batch, hidden, r, x, h, c, saved["out"], saved["gates"], saved["rs"], saved["cs"], mask,
+                *params[:4], saved["rmean"], saved["rvar"], *params[4:], saved["cmean"], saved["cvar"], eps,
+                KR=kr, KC=kc, HAS_BETA_R=recurrent[1] is not None, HAS_BETA_C=cell[1] is not None,
+                num_warps=launch["num_warps"], **launch["blocks"],
+            )
     return saved
 
 
 class TritonLSTMFunction(torch.autograd.Function):
     """One LSTM layer's loop over time from its input term (T, B, 4H), with a hand-written backward through time.
 
-    Inputs: `config` (kinds, eps as a tensor; the forward leaves the batch statistics in it), the input term, h0, c0,
-    W_h, the mask (T, B) as 0/1 in the working dtype, then gamma, beta, scale, mean of the recurrent and of the cell
-    term (`norm.loop_term`; None where absent).
+    Inputs: `config` (kinds, and eps as Python floats), the input term, h0, c0, W_h, the mask (T, B) as 0/1 in the
+    working dtype, then gamma, beta, scale, mean of the recurrent and of the cell term (`norm.loop_term`; None where
+    absent). Outputs: the layer output, h_T, c_T, and the batch statistics the loop computed (mean and variance of the
+    recurrent term, then of the cell term; empty where a term has none), which carry no gradient.
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, config, x, h0, c0, weight_hh, mask, *terms):
         inputs = (x, h0, c0, weight_hh)  # as given: a second derivative recomputes from them (`backward`)
         x, h0, c0, weight_hh = x.contiguous(), h0.contiguous(), c0.contiguous(), weight_hh.contiguous()
-        config["eps"] = config["eps"].to(x.dtype)
         recurrent, cell = list(terms[:4]), list(terms[4:])
         saved = _forward(config, x, h0, c0, weight_hh, mask, recurrent, cell)
-        config["stats"] = [(saved["rmean"], saved["rvar"]), (saved["cmean"], saved["cvar"])]
+        statistics = (saved["rmean"], saved["rvar"], saved["cmean"], saved["cvar"])
+        ctx.mark_non_differentiable(*statistics)
         ctx.config = config
         output = saved.pop("out")  # not kept on ctx: an output held by its own node would be a reference cycle
         ctx.saved = saved
         ctx.save_for_backward(*inputs, mask, *terms)
-        return output, saved["h"][-1].clone(), saved["c"][-1].clone()
+        return output, saved["h"][-1].clone(), saved["c"][-1].clone(), *statistics
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_output, grad_h, grad_c):
+    def backward(ctx, grad_output, grad_h, grad_c, *_statistics):
         if torch.is_grad_enabled():
             # create_graph=True: the kernels' backward is a first derivative only, so recompute through the
             # reference loop and let autograd differentiate that (second derivatives, e.g. a gradient penalty).
@@ -199,15 +239,17 @@ class TritonLSTMFunction(torch.autograd.Function):
         kernel = kernels.lstm_step_backward_rows if rows else kernels.lstm_step_backward_columns
         kernel = kernel[launch["grid"]]
         gr, _, sr, _, gc, bc, sc, mc = [dummy if p is None else p for p in terms]
-        for step in reversed(range(steps)):
-            kernel(
-                step, batch, hidden, dh, dout, dc, dc_next, keep, gates, saved["rs"], saved["cs"], saved["c"], mask,
-                dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, mc, saved["cvar"], config["eps"],
-                KR=kr, KC=kc, HAS_BETA_C=terms[5] is not None, num_warps=launch["num_warps"], **launch["blocks"],
-            )
-            # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
-            torch.addmm(keep, dr[step], weight_hh, out=dh)
-            dc, dc_next = dc_next, dc
+        eps = eps_tensor(*config["eps"], gates.dtype, gates.device)
+        with on_device(gates.device):
+            for step in reversed(range(steps)):
+                kernel(
+                    step, batch, hidden, dh, dout, dc, dc_next, keep, gates, saved["rs"], saved["cs"], saved["c"],
+                    mask, dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, mc, saved["cvar"], eps,
+                    KR=kr, KC=kc, HAS_BETA_C=terms[5] is not None, num_warps=launch["num_warps"], **launch["blocks"],
+                )
+                # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
+                torch.addmm(keep, dr[step], weight_hh, out=dh)
+                dc, dc_next = dc_next, dc
         d_weight_hh = dr.reshape(-1, gates_size).t().mm(saved["h"][:-1].reshape(-1, hidden))
         needs = ctx.needs_input_grad
         term_grads = (_term_grads(kr, terms[:4], dgates, saved["rs"], needs[6:10])
@@ -220,7 +262,7 @@ def _reference(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tenso
     """What the kernels compute from `TritonLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
     active = mask > 0
     recurrent, cell = (DescribedNorm(KIND_NAMES[kind], eps, terms[4 * k : 4 * k + 4], active)
-                       for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"].tolist(), strict=True)))
+                       for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"], strict=True)))
     return lstm_loop(x, h0, c0, weight_hh, recurrent, cell, active)
 
 
@@ -262,16 +304,24 @@ def lstm(
         input_term = input_term + bias
     steps, batch = x.shape[:2]
     terms = [_term(norm_hh, steps, start_step), _term(norm_c, steps, start_step)]
-    dtype = torch.float32 if torch.is_autocast_enabled("cuda") and x.is_cuda else input_term.dtype
-    weights = torch.ones(steps, batch, dtype=dtype, device=x.device) if mask is None else mask.to(dtype)
-    config = {
-        "kinds": (terms[0][0], terms[1][0]),
-        "eps": torch.tensor([terms[0][1], terms[1][1]], dtype=torch.float64, device=x.device),
-    }
     tensors = [t for _, _, group in terms for t in group]
-    output, h_n, c_n = TritonLSTMFunction.apply(config, input_term, h, c, weight_hh, weights.contiguous(), *tensors)
+    inputs = [input_term, h, c, weight_hh]
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if autocast:  # the loop in float32 from the autocast-dtype input product (module docstring)
+        inputs, tensors = _float32(inputs), _float32(tensors)
+    dtype = inputs[0].dtype
+    weights = torch.ones(steps, batch, dtype=dtype, device=x.device) if mask is None else mask.to(dtype)
+    config = {"kinds": (terms[0][0], terms[1][0]), "eps": (float(terms[0][1]), float(terms[1][1]))}
+    with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
+        output, h_n, c_n, *statistics = TritonLSTMFunction.apply(config, *inputs, weights.contiguous(), *tensors)
     # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
-    for (kind, _, _), module, (mean, var) in zip(terms, (norm_hh, norm_c), config["stats"], strict=True):
+    for (kind, _, _), module, mean, var in zip(terms, (norm_hh, norm_c), statistics[::2], statistics[1::2],
+                                               strict=True):
         if kind == BATCH:
             module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step)
     return output, h_n, c_n
+
+
+def _float32(tensors: list[Tensor | None]) -> list[Tensor | None]:
+    """Floating tensors below float32 cast up (what `custom_fwd(cast_inputs=torch.float32)` does, float64 kept)."""
+    return [t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
