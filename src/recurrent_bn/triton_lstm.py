@@ -38,10 +38,17 @@ from torch.nn import functional as F
 from recurrent_bn.norm import loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
-# How a term is normalized; the kernels use the same numbers.
-NONE, BATCH, AFFINE, LAYER = 0, 1, 2, 3
-KINDS = {"none": NONE, "batch": BATCH, "affine": AFFINE, "layer": LAYER}
+# How a term is normalized: the C++ enum's numbers (csrc/common.h), which the kernels use too (triton_kernels.py).
+NONE, LAYER, BATCH, SHARED, AFFINE = 0, 1, 2, 3, 4
+KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
 KIND_NAMES = {code: name for name, code in KINDS.items()}
+
+
+def kind_code(kind: str | int) -> int:
+    """The kernels' code of the kind `norm.loop_term` returns: its name today; after #24 `norm.Kind`, an IntEnum with
+    the same numbers, whose value is the code (then this is `int(kind)`). SHARED never reaches the kernels: only an
+    input term, normalized before the loop, pools its statistics over time."""
+    return KINDS[kind] if isinstance(kind, str) else int(kind)
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
 INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
@@ -145,7 +152,7 @@ def launch_config(batch: int, hidden: int, rows: bool) -> dict:
 def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, float, list[Tensor | None]]:
     """(kind code, eps, [gamma, beta, scale, mean]) of one term in the loop (`norm.loop_term`)."""
     kind, eps, tensors = loop_term(module, steps, start_step)
-    return KINDS[kind], eps, tensors
+    return kind_code(kind), eps, tensors
 
 
 def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor,
