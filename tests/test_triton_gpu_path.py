@@ -174,3 +174,14 @@ def test_auto_on_cuda_takes_float64_and_says_in_one_line_why_it_leaves_half_prec
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "reference" in messages[0] and "autocast" in messages[0]
     assert "\n" not in messages[0]
+
+
+def test_versions_older_than_the_floor_stop_with_one_line(monkeypatch):
+    assert triton_lstm.version_problem("2.11.0+cu130", "3.6.0") is None
+    assert triton_lstm.version_problem("2.14.1", "3.8.0") is None
+    for versions, name in ((("2.10.1+cu128", "3.6.0"), "torch >= 2.11"), (("2.11.0", "3.5.1"), "triton >= 3.6")):
+        message = triton_lstm.version_problem(*versions)
+        assert name in message and "\n" not in message
+    monkeypatch.setattr(triton_lstm, "_version_error", triton_lstm.version_problem("2.11.0", "3.5.1"))
+    with pytest.raises(RuntimeError, match="needs triton >= 3.6"):
+        rb.LSTM(2, 3, backend="triton")(torch.randn(4, 2, 2))

@@ -19,6 +19,10 @@ value the forward keeps for the backward), `_term_forward` (standardize, then `_
 cell, in both layouts. The statistics are the layouts' own reductions: `_column_stats` (batch norm over the active
 rows of a column) and `_row_stats` (layer norm over a row); so are the group means of the backward.
 
+The rows kernels take the hidden size H as a compile-time constant (one compilation per hidden size): their loops over
+the hidden units then have a constant bound, which Triton 3.6's interpreter needs (`range(0, n, BLOCK)` with a
+runtime n is a TypeError there: its scalars are 1-element arrays that numpy 2 will not turn into an index).
+
 Two layouts, so that every statistic stays inside one program:
   - "columns" (NONE, BATCH, AFFINE): a program owns BLOCK_H hidden units of all four gates and the whole batch, so
     the batch statistics of its features are reductions inside the program;
@@ -290,7 +294,7 @@ def lstm_step_backward_columns(
 
 
 @triton.jit
-def _row_stats(ptr, n, lane, BLOCK: tl.constexpr):
+def _row_stats(ptr, n: tl.constexpr, lane, BLOCK: tl.constexpr):
     """Mean and biased variance of ptr[0:n], two passes (the one-pass E[x^2] - mean^2 cancels in float32)."""
     acc = tl.zeros([BLOCK], dtype=ptr.dtype.element_ty)
     for start in range(0, n, BLOCK):
@@ -305,7 +309,7 @@ def _row_stats(ptr, n, lane, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_layer_stats(ptr, n, lane, i, mean_ptr, var_ptr, eps, BLOCK: tl.constexpr):
+def _row_layer_stats(ptr, n: tl.constexpr, lane, i, mean_ptr, var_ptr, eps, BLOCK: tl.constexpr):
     """Layer norm's statistics of row i (of T x B) of a term, its n features at ptr: kept in mean/var (T, B) for the
     backward; returns mean and 1/sqrt(var + eps)."""
     mean, var = _row_stats(ptr, n, lane, BLOCK)
@@ -334,7 +338,7 @@ def _row_gate_forward(
 
 @triton.jit(do_not_specialize=["t"])
 def lstm_step_forward_rows(
-    t, B, H,
+    t, B, H: tl.constexpr,
     r_ptr, x_ptr, h_ptr, c_ptr, out_ptr, gates_ptr, rs_ptr, cs_ptr, mask_ptr,
     gr_ptr, br_ptr, sr_ptr, mr_ptr, rmean_ptr, rvar_ptr,
     gc_ptr, bc_ptr, sc_ptr, mc_ptr, cmean_ptr, cvar_ptr, eps_ptr,
@@ -346,7 +350,7 @@ def lstm_step_forward_rows(
     Same arguments and outputs as `lstm_step_forward_columns`; the statistics of LAYER terms are per row, (T, B).
     """
     b = tl.program_id(0)
-    G = 4 * H
+    G: tl.constexpr = 4 * H  # a constant loop bound (module docstring)
     lane = tl.arange(0, BLOCK_H)
     a = tl.load(mask_ptr + t * B + b)
     eps_r = tl.load(eps_ptr)
@@ -411,7 +415,7 @@ def _row_cell_gradient(
 
 @triton.jit(do_not_specialize=["t"])
 def lstm_step_backward_rows(
-    t, B, H,
+    t, B, H: tl.constexpr,
     dh_ptr, dout_ptr, dc_in_ptr, dc_out_ptr, keep_ptr,
     gates_ptr, rs_ptr, cs_ptr, c_ptr, mask_ptr, dgates_ptr, dr_ptr, dyc_ptr,
     gr_ptr, sr_ptr, rvar_ptr, gc_ptr, bc_ptr, sc_ptr, mc_ptr, cvar_ptr, eps_ptr,
@@ -419,7 +423,7 @@ def lstm_step_backward_rows(
 ):
     """One backward timestep in the rows layout; same arguments and outputs as `lstm_step_backward_columns`."""
     b = tl.program_id(0)
-    G = 4 * H
+    G: tl.constexpr = 4 * H  # a constant loop bound (module docstring)
     lane = tl.arange(0, BLOCK_H)
     a = tl.load(mask_ptr + t * B + b)
     eps_r = tl.load(eps_ptr)

@@ -53,22 +53,47 @@ INTERPRET_ENV = "TRITON_INTERPRET"
 # Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
 INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
 
+# The oldest versions the Triton path was tested with (tests/test_triton*.py under the interpreter; the kernels
+# compile for sm_90): the GPU machines this project can borrow run torch 2.11 and Triton 3.6.
+MIN_TORCH = (2, 11)
+MIN_TRITON = (3, 6)
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "2.11.0+cu130"."""
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def version_problem(torch_version: str, triton_version: str) -> str | None:
+    """Why these torch and Triton versions are too old for the Triton path, in one line, or None."""
+    for name, version, floor in (("torch", torch_version, MIN_TORCH), ("triton", triton_version, MIN_TRITON)):
+        if _release(version) < floor:
+            return (f"backend='triton' needs {name} >= {'.'.join(map(str, floor))} (found {version}); upgrade it "
+                    "(pip install 'recurrent-bn[gpu]') or use backend='reference'")
+    return None
+
+
 try:
     import triton
 
     from recurrent_bn import triton_kernels as kernels
 
     _import_error: str | None = None
+    _version_error = version_problem(torch.__version__, triton.__version__)
 except ImportError as error:  # e.g. macOS wheels of torch come without triton
     triton = None
     kernels = None
     _import_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    _version_error = None
 
 
 def unusable_reason(x: Tensor) -> str | None:
     """Why the Triton path cannot run on tensors like `x`, in one line, or None."""
     if _import_error is not None:
         return f"backend='triton' needs triton, which cannot be imported ({_import_error}); use backend='reference'"
+    if _version_error is not None:
+        return _version_error
     if x.device.type == "cuda":
         if x.dtype not in (torch.float32, torch.float64):
             return (f"backend='triton' on a GPU takes float32 or float64 parameters and inputs (bf16 through "
