@@ -11,8 +11,7 @@ import warnings
 
 import pytest
 import torch
-from interpreted import import_interpreted
-from torch.overrides import TorchFunctionMode
+from interpreted import HostSyncs, import_interpreted, wrap_kernels
 
 import recurrent_bn as rb
 
@@ -21,49 +20,6 @@ pytestmark = [
     pytest.mark.skipif(triton_lstm._import_error is not None, reason=f"no triton: {triton_lstm._import_error}"),
     pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad"),
 ]
-
-# Calls that copy device memory to the host (or host numbers to the device) and so wait for the stream.
-SYNCHRONIZING = {"tensor", "as_tensor", "item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero",
-                 "numpy", "cpu", "masked_select", "unique", "_local_scalar_dense"}
-KERNELS = ("lstm_step_forward_columns", "lstm_step_forward_rows", "lstm_step_backward_columns",
-           "lstm_step_backward_rows")
-
-
-class HostSyncs(TorchFunctionMode):
-    """Records every synchronizing torch call made while it is active, except inside kernel launches (the interpreter
-    itself copies tensors to numpy; on a GPU the launch is asynchronous)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-        self.paused = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        name = getattr(func, "__name__", str(func))
-        if not self.paused and name in SYNCHRONIZING:
-            self.calls.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-def wrap_kernels(monkeypatch, around):
-    """Replace the four kernels by ones that run inside `around()` (a context manager) at each launch."""
-
-    class Wrapped:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            launch = self.kernel[grid]
-
-            def call(*args, **kwargs):
-                with around():
-                    return launch(*args, **kwargs)
-
-            return call
-
-    namespace = types.SimpleNamespace(**{name: Wrapped(getattr(triton_lstm.kernels, name)) for name in KERNELS})
-    monkeypatch.setattr(triton_lstm, "kernels", namespace)
-
 
 def model_and_input(norm: str, dtype=torch.float32, seed: int = 0):
     torch.manual_seed(seed)
@@ -114,16 +70,7 @@ def test_a_layer_call_does_not_synchronize_with_the_host(monkeypatch, norm, trai
     model.train(training)
     model(x)[0].sum().backward()  # the first call may build what later calls reuse
     mode = HostSyncs()
-
-    @contextlib.contextmanager
-    def paused():
-        mode.paused += 1
-        try:
-            yield
-        finally:
-            mode.paused -= 1
-
-    wrap_kernels(monkeypatch, paused)
+    wrap_kernels(monkeypatch, triton_lstm, mode.paused)
     with mode:
         y, (h, c) = model(x)
         (y.sum() + h.sum()).backward()
@@ -156,7 +103,7 @@ def test_every_launch_runs_under_the_device_guard_of_its_tensors(monkeypatch, no
         yield
 
     monkeypatch.setattr(triton_lstm, "on_device", recording)
-    wrap_kernels(monkeypatch, check_guard)
+    wrap_kernels(monkeypatch, triton_lstm, check_guard)
     model, x = model_and_input(norm)
     model(x)[0].sum().backward()
     assert len(launches) == 2 * x.shape[0]  # forward and backward of every timestep

@@ -26,10 +26,12 @@ imported (for tests: slow, one program after another).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -180,43 +182,203 @@ def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, f
     return kind_code(kind), eps, tensors
 
 
-def _forward(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor,
-             recurrent: list[Tensor | None], cell: list[Tensor | None]) -> dict:
+# The loops' inputs by name: what a captured graph reads from its static buffers (module docstring of `_StaticLoop`).
+TERMS = ("gr", "br", "sr", "mr", "gc", "bc", "sc", "mc")  # gamma, beta, scale, mean of the recurrent and cell terms
+FORWARD_INPUTS = ("x", "h0", "c0", "weight_hh", "mask", *TERMS)
+BACKWARD_INPUTS = ("dout", "dh_in", "dc_in", "gates", "rs", "cs", "c", "mask", "weight_hh", "rvar", "cvar", *TERMS)
+
+
+def _forward_buffers(inputs: dict, kinds: tuple[int, int]) -> dict:
+    """What the forward loop writes, allocated for the shapes of `inputs` (FORWARD_INPUTS): states (T + 1, B, H),
+    output, pre-activations and what the backward reads, the batch statistics, and the workspace r = W_h h."""
+    x = inputs["x"]
     steps, batch, gates_size = x.shape
     hidden = gates_size // 4
-    kr, kc = config["kinds"]
     new = x.new_empty
-    dummy = new(1)
-    h = new(steps + 1, batch, hidden)
-    c = new(steps + 1, batch, hidden)
-    h[0], c[0] = h0, c0
-    saved = {
-        "h": h, "c": c, "out": new(steps, batch, hidden), "gates": new(steps, batch, gates_size),
-        "rs": new(steps, batch, gates_size) if kr != NONE else dummy, "cs": new(steps, batch, hidden),
+    kr, kc = kinds
+    buffers = {
+        "h": new(steps + 1, batch, hidden), "c": new(steps + 1, batch, hidden), "out": new(steps, batch, hidden),
+        "gates": new(steps, batch, gates_size), "rs": new(steps, batch, gates_size) if kr != NONE else new(1),
+        "cs": new(steps, batch, hidden), "r": new(batch, gates_size), "dummy": new(1),
     }
     for name, kind, size in (("r", kr, gates_size), ("c", kc, hidden)):
         # (0,) where a term has no statistics: they are outputs of the autograd function, each its own tensor.
         shape = {BATCH: (steps, size), LAYER: (steps, batch)}.get(kind, (0,))
-        saved[f"{name}mean"] = new(shape)
-        saved[f"{name}var"] = new(shape)
+        buffers[f"{name}mean"] = new(shape)
+        buffers[f"{name}var"] = new(shape)
+    return buffers
+
+
+def _forward_loop(b: dict, config: dict) -> dict:
+    """The forward loop over time on the buffers `b` (inputs and `_forward_buffers`): kernel launches and products
+    into buffers that exist already, nothing allocated, nothing read back to the host, so that it can be captured
+    in a CUDA graph. Returns the results by name (tensors of `b`)."""
+    x, h, c = b["x"], b["h"], b["c"]
+    steps, batch, gates_size = x.shape
+    hidden = gates_size // 4
+    kr, kc = config["kinds"]
     rows = layout((kr, kc)) == "rows"
     launch = launch_config(batch, hidden, rows)
     kernel = kernels.lstm_step_forward_rows if rows else kernels.lstm_step_forward_columns
     kernel = kernel[launch["grid"]]
-    params = [dummy if p is None else p for p in (*recurrent, *cell)]
-    weight_hh_t = weight_hh.t()
-    r = new(batch, gates_size)
+    params = [b["dummy"] if b[name] is None else b[name] for name in TERMS]
+    weight_hh_t = b["weight_hh"].t()
     eps = eps_tensor(*config["eps"], x.dtype, x.device)
     with on_device(x.device):
+        h[0].copy_(b["h0"])
+        c[0].copy_(b["c0"])
         for step in range(steps):
-            torch.mm(h[step], weight_hh_t, out=r)
+            torch.mm(h[step], weight_hh_t, out=b["r"])
             kernel(
-                step, batch, hidden, r, x, h, c, saved["out"], saved["gates"], saved["rs"], saved["cs"], mask,
-                *params[:4], saved["rmean"], saved["rvar"], *params[4:], saved["cmean"], saved["cvar"], eps,
-                KR=kr, KC=kc, HAS_BETA_R=recurrent[1] is not None, HAS_BETA_C=cell[1] is not None,
+                step, batch, hidden, b["r"], x, h, c, b["out"], b["gates"], b["rs"], b["cs"], b["mask"],
+                *params[:4], b["rmean"], b["rvar"], *params[4:], b["cmean"], b["cvar"], eps,
+                KR=kr, KC=kc, HAS_BETA_R=b["br"] is not None, HAS_BETA_C=b["bc"] is not None,
                 num_warps=launch["num_warps"], **launch["blocks"],
             )
-    return saved
+    return {name: b[name] for name in ("h", "c", "out", "gates", "rs", "cs", "rmean", "rvar", "cmean", "cvar")}
+
+
+def _backward_buffers(inputs: dict, kinds: tuple[int, int]) -> dict:
+    """What the backward loop writes, for the shapes of `inputs` (BACKWARD_INPUTS): the carried gradients of h and c
+    (c's in two buffers, ping-ponged), the gradients of the input term, of r = W_h h and of the cell's output."""
+    gates = inputs["gates"]
+    steps, batch, gates_size = gates.shape
+    hidden = gates_size // 4
+    new = gates.new_empty
+    return {"dh": new(batch, hidden), "dc": new(batch, hidden), "dc_next": new(batch, hidden),
+            "keep": new(batch, hidden), "dgates": new(steps, batch, gates_size), "dr": new(steps, batch, gates_size),
+            "dyc": new(steps, batch, hidden), "dummy": new(1)}
+
+
+def _backward_loop(b: dict, config: dict) -> dict:
+    """The backward loop over time on the buffers `b`, as `_forward_loop`: nothing allocated, no host sync."""
+    gates = b["gates"]
+    steps, batch, gates_size = gates.shape
+    hidden = gates_size // 4
+    kr, kc = config["kinds"]
+    rows = layout((kr, kc)) == "rows"
+    launch = launch_config(batch, hidden, rows)
+    kernel = kernels.lstm_step_backward_rows if rows else kernels.lstm_step_backward_columns
+    kernel = kernel[launch["grid"]]
+    gr, _, sr, _, gc, bc, sc, mc = [b["dummy"] if b[name] is None else b[name] for name in TERMS]
+    dh, dc, dc_next, keep, dr = b["dh"], b["dc"], b["dc_next"], b["keep"], b["dr"]
+    eps = eps_tensor(*config["eps"], gates.dtype, gates.device)
+    with on_device(gates.device):
+        dh.copy_(b["dh_in"])
+        dc.copy_(b["dc_in"])
+        for step in reversed(range(steps)):
+            kernel(
+                step, batch, hidden, dh, b["dout"], dc, dc_next, keep, gates, b["rs"], b["cs"], b["c"], b["mask"],
+                b["dgates"], dr, b["dyc"], gr, sr, b["rvar"], gc, bc, sc, mc, b["cvar"], eps,
+                KR=kr, KC=kc, HAS_BETA_C=b["bc"] is not None, num_warps=launch["num_warps"], **launch["blocks"],
+            )
+            # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
+            torch.addmm(keep, dr[step], b["weight_hh"], out=dh)
+            dc, dc_next = dc_next, dc
+    return {"dgates": b["dgates"], "dr": dr, "dyc": b["dyc"], "dh": dh, "dc": dc}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs of the loops over time (off by default until measured on a GPU: `set_cuda_graphs`, RBN_CUDA_GRAPHS=1).
+
+_cuda_graphs = os.environ.get("RBN_CUDA_GRAPHS", "0") not in ("", "0")
+GRAPH_CACHE_SIZE = 16  # loops kept captured (each holds its static buffers: about two layer calls' activations)
+
+
+def set_cuda_graphs(enabled: bool) -> bool:
+    """Run the loops over time as captured CUDA graphs (replayed per call) or eagerly; returns the previous setting.
+
+    At T = 784 eager launching costs ~3,100 Triton launches per training step from Python; a graph replays the whole
+    loop with one launch. Each (direction, kinds, shapes, dtype, device) is captured once, on its first call; every
+    call copies its inputs into the graph's static buffers and its results out of them (the same loop shape may run
+    again, e.g. in the next layer, before the backward of this one)."""
+    global _cuda_graphs
+    previous, _cuda_graphs = _cuda_graphs, bool(enabled)
+    return previous
+
+
+def cuda_graphs_enabled() -> bool:
+    """Whether the loops run as captured CUDA graphs (`set_cuda_graphs`)."""
+    return _cuda_graphs
+
+
+class _StaticLoop:
+    """A loop over time on static buffers: captured in a CUDA graph on its first call and replayed on later ones.
+    Off CUDA (the tests, under the interpreter) there is no graph: a replay runs the launches again on the same
+    buffers, so that everything up to the capture itself (static buffers, no host sync, the cache) runs on a CPU."""
+
+    def __init__(self, inputs: dict, allocate: Callable[[dict], dict], run: Callable[[dict], dict]) -> None:
+        self.inputs = {name: None if t is None else torch.empty_like(t, memory_format=torch.contiguous_format)
+                       for name, t in inputs.items()}
+        self.buffers = {**self.inputs, **allocate(self.inputs)}
+        self.run = run
+        self.outputs: dict | None = None
+        self.replay: Callable[[], None] | None = None
+        self.calls = 0
+
+    def __call__(self, inputs: dict) -> dict:
+        """The loop's results for `inputs`, in the static buffers (valid until the next call)."""
+        for name, tensor in inputs.items():
+            if tensor is not None:
+                self.inputs[name].copy_(tensor)
+        if self.replay is None:
+            self.outputs, self.replay = _capture(self.run, self.buffers, next(iter(inputs.values())).device)
+        else:
+            self.replay()
+        self.calls += 1
+        return self.outputs
+
+
+def _capture(run: Callable[[dict], dict], buffers: dict, device: torch.device):
+    """(results of one run, replay): on CUDA a warm-up run on a side stream (Triton compiles and loads its kernels,
+    cuBLAS picks its algorithms: neither may happen during capture) and the capture; elsewhere no graph."""
+    if device.type != "cuda":
+        return run(buffers), lambda: run(buffers)
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            outputs = run(buffers)  # the first call's results
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the backward is captured in autograd's device thread while other threads may run.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            run(buffers)
+    return outputs, graph.replay
+
+
+_graphs: collections.OrderedDict[tuple, _StaticLoop] = collections.OrderedDict()
+
+
+def _graph_key(direction: str, config: dict, inputs: dict) -> tuple:
+    """What a captured loop is specific to: direction, kinds, eps, which inputs are absent, shapes, dtype, device."""
+    shapes = tuple((name, None if t is None else tuple(t.shape)) for name, t in inputs.items())
+    first = inputs[next(iter(inputs))]
+    return direction, config["kinds"], config["eps"], shapes, first.dtype, first.device
+
+
+def _loop(direction: str, config: dict, inputs: dict) -> dict:
+    """Run the forward or backward loop on `inputs`: eagerly on them, or replayed from a captured graph (results
+    copied out of its static buffers)."""
+    allocate, run = {"forward": (_forward_buffers, _forward_loop),
+                     "backward": (_backward_buffers, _backward_loop)}[direction]
+    if not _cuda_graphs or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return run({**inputs, **allocate(inputs, config["kinds"])}, config)
+    key = _graph_key(direction, config, inputs)
+    loop = _graphs.get(key)
+    if loop is None:
+        loop = _StaticLoop(inputs, functools.partial(allocate, kinds=config["kinds"]),
+                           functools.partial(run, config=config))
+        _graphs[key] = loop
+        while len(_graphs) > GRAPH_CACHE_SIZE:
+            _graphs.popitem(last=False)
+    _graphs.move_to_end(key)
+    return {name: tensor.clone() for name, tensor in loop(inputs).items()}
+
+
+def clear_cuda_graphs() -> None:
+    """Drop every captured loop and its static buffers."""
+    _graphs.clear()
 
 
 class TritonLSTMFunction(torch.autograd.Function):
@@ -231,9 +393,8 @@ class TritonLSTMFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, config, x, h0, c0, weight_hh, mask, *terms):
         inputs = (x, h0, c0, weight_hh)  # as given: a second derivative recomputes from them (`backward`)
-        x, h0, c0, weight_hh = x.contiguous(), h0.contiguous(), c0.contiguous(), weight_hh.contiguous()
-        recurrent, cell = list(terms[:4]), list(terms[4:])
-        saved = _forward(config, x, h0, c0, weight_hh, mask, recurrent, cell)
+        values = (x.contiguous(), h0.contiguous(), c0.contiguous(), weight_hh.contiguous(), mask, *terms)
+        saved = _loop("forward", config, dict(zip(FORWARD_INPUTS, values, strict=True)))
         statistics = (saved["rmean"], saved["rvar"], saved["cmean"], saved["cvar"])
         ctx.mark_non_differentiable(*statistics)
         ctx.config = config
@@ -257,36 +418,21 @@ class TritonLSTMFunction(torch.autograd.Function):
         steps, batch, gates_size = gates.shape
         hidden = gates_size // 4
         zeros = gates.new_zeros
-        dout = zeros(steps, batch, hidden) if grad_output is None else grad_output.contiguous()
-        dh = zeros(batch, hidden) if grad_h is None else grad_h.clone(memory_format=torch.contiguous_format)
-        dc = zeros(batch, hidden) if grad_c is None else grad_c.clone(memory_format=torch.contiguous_format)
-        dc_next = torch.empty_like(dc)
-        keep = torch.empty_like(dh)
-        dgates = torch.empty_like(gates)
-        dr = torch.empty_like(gates)
-        dyc = gates.new_empty(steps, batch, hidden)
-        dummy = gates.new_empty(1)
-        rows = layout((kr, kc)) == "rows"
-        launch = launch_config(batch, hidden, rows)
-        kernel = kernels.lstm_step_backward_rows if rows else kernels.lstm_step_backward_columns
-        kernel = kernel[launch["grid"]]
-        gr, _, sr, _, gc, bc, sc, mc = [dummy if p is None else p for p in terms]
-        eps = eps_tensor(*config["eps"], gates.dtype, gates.device)
-        with on_device(gates.device):
-            for step in reversed(range(steps)):
-                kernel(
-                    step, batch, hidden, dh, dout, dc, dc_next, keep, gates, saved["rs"], saved["cs"], saved["c"],
-                    mask, dgates, dr, dyc, gr, sr, saved["rvar"], gc, bc, sc, mc, saved["cvar"], eps,
-                    KR=kr, KC=kc, HAS_BETA_C=terms[5] is not None, num_warps=launch["num_warps"], **launch["blocks"],
-                )
-                # dh becomes the gradient reaching h[step]; the kernel has read the one reaching h[step + 1].
-                torch.addmm(keep, dr[step], weight_hh, out=dh)
-                dc, dc_next = dc_next, dc
-        d_weight_hh = dr.reshape(-1, gates_size).t().mm(saved["h"][:-1].reshape(-1, hidden))
+        inputs = {
+            "dout": zeros(steps, batch, hidden) if grad_output is None else grad_output.contiguous(),
+            "dh_in": zeros(batch, hidden) if grad_h is None else grad_h,
+            "dc_in": zeros(batch, hidden) if grad_c is None else grad_c,
+            **{name: saved[name] for name in ("gates", "rs", "cs", "c")}, "mask": mask,
+            "weight_hh": weight_hh.contiguous(), "rvar": saved["rvar"], "cvar": saved["cvar"],
+            **dict(zip(TERMS, terms, strict=True)),
+        }
+        grads = _loop("backward", config, inputs)
+        dgates, dyc = grads["dgates"], grads["dyc"]
+        d_weight_hh = grads["dr"].reshape(-1, gates_size).t().mm(saved["h"][:-1].reshape(-1, hidden))
         needs = ctx.needs_input_grad
         term_grads = (_term_grads(kr, terms[:4], dgates, saved["rs"], needs[6:10])
                       + _term_grads(kc, terms[4:], dyc, saved["cs"], needs[10:14]))
-        return (None, dgates, dh, dc, d_weight_hh, None, *term_grads)
+        return (None, dgates, grads["dh"], grads["dc"], d_weight_hh, None, *term_grads)
 
 
 def _reference(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor, mask: Tensor, *terms
