@@ -9,7 +9,7 @@ ARGS ?=
 GAMMAS ?= 0.1,0.3,0.5,0.7,1.0
 
 .DEFAULT_GOAL := help
-.PHONY: help install train sweep-gamma data bench bench-gpu gpu-kernels figures test test-slow lint clean
+.PHONY: help install train sweep-gamma data bench bench-gpu gpu-kernels gpu-check gpu-bundle figures test test-slow lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,13 @@ bench-gpu: $(STAMP) ## GPU: cuDNN vs the Triton and reference paths at the paper
 
 gpu-kernels: $(STAMP) ## compile the Triton kernels for sm_80/sm_90 (no GPU needed): registers, shared memory, spills
 	$(PY) scripts/gpu_kernels.py
+
+# No $(STAMP): a bare GPU machine has torch and Triton but no venv; the Hydra wheels travel in .gpu-bundle/.
+gpu-check: ## GPU machine, ~10 min: versions, correctness vs float64, determinism, timings vs cuDNN, paper PTB pair
+	$(PYTHON) scripts/gpu_check.py $(ARGS)
+
+gpu-bundle: $(STAMP) ## wheels of Hydra, OmegaConf, antlr4 into .gpu-bundle/ (git-ignored) for make gpu-check
+	$(PY) scripts/gpu_check.py --make-bundle
 
 figures: $(STAMP) ## draw every figure into results/figures/ from the stored results
 	$(PY) scripts/make_figures.py

@@ -5,7 +5,7 @@ launch there (forward and backward; the plain LSTM and vbn_lstm's loop, bn_lstm 
 ln_lstm), with the block sizes and warps `triton_lstm.launch_config` picks, it prints registers per thread, shared
 memory and spill bytes. No spills at these shapes is the target.
 
-API used (triton 3.8): `triton.compile(triton.compiler.ASTSource(fn, signature, constexprs),
+API used (triton 3.6 and 3.8): `triton.compile(triton.compiler.ASTSource(fn, signature, constexprs),
 target=triton.backends.compiler.GPUTarget("cuda", arch, 32), options={"num_warps": ...})` compiles to PTX and cubin
 with no device; shared memory is the compiled kernel's `metadata.shared`; registers and spills come from running
 the ptxas that ships with triton (`triton/backends/nvidia/bin/ptxas -v`) on the PTX, since the compiled kernel's
@@ -90,6 +90,8 @@ def main() -> int:
                 for direction in ("forward", "backward"):
                     fn = getattr(triton_kernels, f"lstm_step_{direction}_{'rows' if rows else 'columns'}")
                     constants = {"KR": kr, "KC": kc, "HAS_BETA_C": beta_c, **launch["blocks"]}
+                    if rows:  # the rows kernels take H as a constant (triton_kernels.py's docstring)
+                        constants["H"] = hidden
                     if direction == "forward":
                         constants["HAS_BETA_R"] = False
                     key = (fn.__name__, arch, launch["num_warps"], tuple(sorted(constants.items())))

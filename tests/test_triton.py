@@ -7,15 +7,14 @@ training and evaluation, with padding, with sequences longer than `max_length`, 
 included. The interpreter runs each program one after another in numpy (slow, and blind to races between programs):
 shapes are tiny, and the full matrix is marked slow.
 
-TRITON_INTERPRET=1 has to be set when the kernels are defined (and triton reads it again when they run): this module
-sets it in its own process before it imports (or re-imports) `recurrent_bn.triton_lstm`; nothing else in the suite
-uses triton.
+TRITON_INTERPRET=1 has to be set when the kernels are defined (and triton reads it again when they run):
+`interpreted.import_interpreted` sets it in this process before it imports (or re-imports)
+`recurrent_bn.triton_lstm`; only the Triton test modules use triton.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import subprocess
 import sys
@@ -23,22 +22,11 @@ import sys
 import pytest
 import torch
 from compare import assert_all_close, buffers, float32_errors, run
+from interpreted import import_interpreted
 
 import recurrent_bn as rb
 
-
-def _import_interpreted():
-    """recurrent_bn.triton_lstm with its kernels defined under the interpreter, or None without triton."""
-    os.environ["TRITON_INTERPRET"] = "1"  # also read when the kernels run: it stays set for this process
-    module = importlib.import_module("recurrent_bn.triton_lstm")
-    if not module.INTERPRETED:  # imported earlier without the interpreter: define the kernels again
-        if module.kernels is not None:
-            importlib.reload(module.kernels)
-        module = importlib.reload(module)
-    return module
-
-
-triton_lstm = _import_interpreted()
+triton_lstm = import_interpreted()
 needs_triton = pytest.mark.skipif(
     triton_lstm._import_error is not None, reason=f"triton cannot be imported: {triton_lstm._import_error}"
 )
