@@ -524,3 +524,11 @@ def test_fused_gradgradcheck(variant, training):
     lengths = torch.tensor([2, 1, 2])
     f, values = as_function(model, lengths)
     assert torch.autograd.gradgradcheck(f, (x, h0, c0, *values), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@needs_fused
+def test_norm_kind_numbers_are_the_kernels():
+    """`norm.Kind` is the one description of a normalized term: the C++ enum must number the kinds alike."""
+    from recurrent_bn.norm import Kind
+
+    assert fused._extension.KINDS == {kind.name: int(kind) for kind in Kind}

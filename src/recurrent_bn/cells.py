@@ -40,8 +40,8 @@ from recurrent_bn.layers import (
     _rnn_options,
     _sum_norm_name,
 )
-from recurrent_bn.norm import RecurrentBatchNorm, refuse_single_example
-from recurrent_bn.recurrence import StepNorm
+from recurrent_bn.norm import Kind, RecurrentBatchNorm, refuse_single_example
+from recurrent_bn.recurrence import DescribedNorm
 
 
 @dataclass
@@ -99,15 +99,15 @@ class _RecurrentCell(nn.Module):
                 raise InputError(f"mask must be a bool tensor of shape ({batch},), got {tuple(mask.shape)}")
         return states, step, mask
 
-    def _step_norms(self, step: int, mask: Tensor | None) -> dict[str, StepNorm]:
-        """Each normalization at timestep `step` (the layer's `StepNorm`, for a sequence of one step)."""
+    def _step_norms(self, step: int, mask: Tensor | None) -> dict[str, DescribedNorm]:
+        """Each normalization at timestep `step` (as the layer's loop reads it, for a sequence of one step)."""
         mask = None if mask is None else mask.unsqueeze(0)
-        return {name: StepNorm(getattr(self, name, None), 1, mask, step) for name in self.norm_names}
+        return {name: DescribedNorm.recording(getattr(self, name, None), 1, mask, step) for name in self.norm_names}
 
-    def _finish(self, norms: dict[str, StepNorm], step: int, mask: Tensor | None, batch: int) -> None:
+    def _finish(self, norms: dict[str, DescribedNorm], step: int, mask: Tensor | None, batch: int) -> None:
         """Fold this step's minibatch statistics into the population statistics (training with batch norm)."""
         for name, norm in norms.items():
-            if norm.kind == "batch":
+            if norm.kind == Kind.BATCH:
                 mean = norm.means[0]
                 count = mean.new_tensor(batch) if mask is None else mask.to(mean.dtype).sum()
                 self._update_population(name, norm.module, mean, norm.variances[0], count, step)

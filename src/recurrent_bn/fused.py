@@ -31,15 +31,11 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import loop_term
+from recurrent_bn.norm import Kind, loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
 log = logging.getLogger(__name__)
 
-# How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
-NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
-KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
-KIND_NAMES = {code: name for name, code in KINDS.items()}
 TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
 TERM_TENSORS = ("gamma", "beta", "scale", "mean")  # `norm.loop_term`; the mean is never trained
 DTYPES = (torch.float32, torch.float64)
@@ -135,12 +131,6 @@ def threads_for(batch: int, hidden: int) -> int:
     return torch.get_num_threads() if batch * hidden >= MIN_PARALLEL_WORK else 1
 
 
-def _term(module: nn.Module | None, steps: int, start_step: int, input_term: bool):
-    """(kind code, eps, [gamma, beta, scale, mean]) of one term (`norm.loop_term`)."""
-    kind, eps, tensors = loop_term(module, steps, start_step, input_term)
-    return KINDS[kind], eps, tensors
-
-
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -149,10 +139,10 @@ def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
     return [_empty(like) if t is None else t.detach() for t in tensors]
 
 
-def _specs(kinds: list[int], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
+def _specs(kinds: list[Kind], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
     """The three terms as the extension's `TermSpec`s, by name (input, recurrent, cell)."""
     tensors = _or_empty(list(term_tensors), like)
-    return {name: _extension.TermSpec(kinds[i], eps[i], *tensors[4 * i : 4 * i + 4])
+    return {name: _extension.TermSpec(int(kinds[i]), eps[i], *tensors[4 * i : 4 * i + 4])
             for i, name in enumerate(TERMS)}
 
 
@@ -207,7 +197,7 @@ class FusedLSTMFunction(torch.autograd.Function):
 def _reference(config: dict, x: Tensor, weight_ih: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                bias: Tensor | None, mask: Tensor | None, *term_tensors) -> tuple[Tensor, Tensor, Tensor]:
     """What the kernels compute from `FusedLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
-    norms = [DescribedNorm(KIND_NAMES[kind], eps, term_tensors[4 * k : 4 * k + 4], mask)
+    norms = [DescribedNorm(kind, eps, term_tensors[4 * k : 4 * k + 4], mask)
              for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"], strict=True))]
     input_term = norms[0].sequence(F.linear(x, weight_ih))
     if bias is not None:
@@ -236,9 +226,9 @@ def lstm(
     hidden = h.shape[-1]
     mask = None if mask is None else mask.contiguous()
     terms = [
-        _term(norm_ih, steps, start_step, input_term=True),
-        _term(norm_hh, steps, start_step, input_term=False),
-        _term(norm_c, steps, start_step, input_term=False),
+        loop_term(norm_ih, steps, start_step, input_term=True),
+        loop_term(norm_hh, steps, start_step),
+        loop_term(norm_c, steps, start_step),
     ]
     config = {
         "kinds": [kind for kind, _, _ in terms],
@@ -261,9 +251,9 @@ def lstm(
         config["stats"] = _statistics(result.saved)
     # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
     for (kind, _, _), module, (mean, var) in zip(terms, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
-        if kind in (SHARED, BATCH):
+        if kind in (Kind.SHARED, Kind.BATCH):
             module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step,
-                               pooled=kind == SHARED)
+                               pooled=kind == Kind.SHARED)
     return output, h_n, c_n
 
 
