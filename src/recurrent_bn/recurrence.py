@@ -4,18 +4,22 @@ The input term (`W_x x_t`, normalized, plus the bias) covers every timestep at o
 term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
 plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and whether the fused
 CPU kernels of the LSTM (`fused.py`, the same function with a hand-written backward) may be used in this process
-(`use_fused`, one step of `layers.pick_backend`, which chooses the loop).
+(`use_fused`, one step of `backends.pick_backend`, which chooses the loop).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn.norm import Kind, batch_statistics, loop_term, normalize, population_map
+
+if TYPE_CHECKING:
+    from recurrent_bn.cells import CellTerms
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -30,7 +34,7 @@ def fused_available() -> bool:
 
 
 def use_fused(backend: str) -> bool:
-    """Whether a layer with this `backend` setting may use the fused kernels (a step of `layers.pick_backend`).
+    """Whether a layer with this `backend` setting may use the fused kernels (a step of `backends.pick_backend`).
 
     "reference" never does; "fused" does, and raises if they are unavailable; "auto" does when they are available,
     and otherwise warns once per process and runs the reference loops.
@@ -55,54 +59,33 @@ def use_fused(backend: str) -> bool:
     return False
 
 
-def lstm(
-    input_term: Tensor,
-    h: Tensor,
-    c: Tensor,
-    weight_hh: Tensor,
-    norm_hh: nn.Module | None,
-    norm_c: nn.Module | None,
-    mask: Tensor | None,
-    start_step: int = 0,
-    *,
-    weight_ih: Tensor | None = None,
-    norm_ih: nn.Module | None = None,
-    bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer's loop over time (paper eqs. 6-8 with the normalizations given, plain ones when None).
+def input_term(terms: CellTerms, x: Tensor, mask: Tensor | None, start_step: int) -> Tensor:
+    """`N_x(W_x x_t) + b` of every timestep (T, B, F): it does not depend on the recurrence, so it is one matrix
+    product and one vectorized normalization before the loop."""
+    projected = F.linear(x, terms.weight_ih)
+    if terms.norm_ih is not None:
+        projected = terms.norm_ih(projected, mask, start_step)
+    return projected if terms.bias is None else projected + terms.bias
 
-    The input term `norm_ih(W_x x_t) + b` does not depend on the recurrence: it is computed for every timestep
-    before the loop, in one matrix product and one vectorized normalization. `fused.lstm` and `triton_lstm.lstm`
-    compute the same function on their kernels (`layers.pick_backend` chooses).
 
-    Args:
-        input_term: the layer input x (T, B, I) when `weight_ih` is given (the layers pass it so), otherwise the
-            projection `W_x x` (T, B, 4H), or the whole input term when `norm_ih` and `bias` are None too.
-        h, c: (B, H) initial states.
-        weight_hh: (4H, H), gate order i, f, g, o.
-        norm_hh: normalization of `W_h h_{t-1}` (4H features) or None.
-        norm_c: normalization of `c_t` before the output tanh (H features) or None; c_t itself is carried.
-        mask: (T, B) valid positions or None. Padded steps keep the state and output zeros.
-        start_step: timestep index of input_term[0], which picks the batch-norm statistics.
-        weight_ih: W_x (4H, I) or None.
-        norm_ih: normalization of the projection (4H features) or None.
-        bias: (4H) added to the normalized projection, or None.
+def lstm(terms: CellTerms, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start_step: int = 0
+         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM direction's reference loop over time (paper eqs. 6-8 with the normalizations of `terms`), the
+    definition the compiled loops match (`backends.py` has the signature and chooses).
 
-    Returns the output (T, B, H) and the final h and c.
+    x (T, B, I) the layer input; state (h, c) of (B, H); mask (T, B) valid positions or None (padded steps keep
+    the state and output zeros); start_step the timestep index of x[0], which picks the batch-norm statistics.
+    Returns the output (T, B, H) and the final (h, c).
     """
-    if weight_ih is not None:
-        input_term = F.linear(input_term, weight_ih)
-    if norm_ih is not None:
-        input_term = norm_ih(input_term, mask, start_step)
-    if bias is not None:
-        input_term = input_term + bias
-    steps, batch = input_term.shape[:2]
-    recurrent = DescribedNorm.recording(norm_hh, steps, mask, start_step)
-    cell = DescribedNorm.recording(norm_c, steps, mask, start_step)
-    output, h, c = lstm_loop(input_term, h, c, weight_hh, recurrent, cell, mask)
+    h, c = state
+    inputs = input_term(terms, x, mask, start_step)
+    steps, batch = inputs.shape[:2]
+    recurrent = DescribedNorm.recording(terms.norm_hh, steps, mask, start_step)
+    cell = DescribedNorm.recording(terms.norm_out, steps, mask, start_step)
+    output, h, c = lstm_loop(inputs, h, c, terms.weight_hh, recurrent, cell, mask)
     recurrent.finish(batch)
     cell.finish(batch)
-    return output, h, c
+    return output, (h, c)
 
 
 def lstm_loop(
@@ -234,30 +217,23 @@ def rnn_step(
     return activation(total(input_term + recurrent(torch.mm(h, weight_hh_t), step), step))
 
 
-def rnn(
-    input_term: Tensor,
-    h: Tensor,
-    weight_hh: Tensor,
-    norm_hh: nn.Module | None,
-    norm_sum: nn.Module | None,
-    nonlinearity: str,
-    mask: Tensor | None,
-    start_step: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """One RNN layer's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`.
+def rnn(terms: CellTerms, x: Tensor, state: tuple[Tensor], mask: Tensor | None, start_step: int = 0, *,
+        nonlinearity: str = "tanh") -> tuple[Tensor, tuple[Tensor]]:
+    """One RNN direction's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`, with the arguments of
+    `lstm` and state (h,).
 
-    `norm_hh` normalizes the recurrent term alone ("separate" placement), `norm_sum` the whole pre-activation
-    ("sum" placement); either may be None. Other arguments as for `lstm`.
-
-    The RNN has no fused kernels (the performance targets are the LSTM variants): it always runs this loop,
-    whatever its layer's backend setting.
+    `terms.norm_hh` normalizes the recurrent term alone ("separate" placement), `terms.norm_out` the whole
+    pre-activation ("sum" placement); either may be None. The RNN has no compiled loops (the performance targets
+    are the LSTM variants): it always runs this one, whatever its layer's backend setting.
     """
-    steps, batch = input_term.shape[:2]
-    recurrent = DescribedNorm.recording(norm_hh, steps, mask, start_step)
-    total = DescribedNorm.recording(norm_sum, steps, mask, start_step)
+    (h,) = state
+    inputs = input_term(terms, x, mask, start_step)
+    steps, batch = inputs.shape[:2]
+    recurrent = DescribedNorm.recording(terms.norm_hh, steps, mask, start_step)
+    total = DescribedNorm.recording(terms.norm_out, steps, mask, start_step)
     activation = ACTIVATIONS[nonlinearity]
-    weight_hh_t = weight_hh.t()
-    inputs = input_term.unbind(0)
+    weight_hh_t = terms.weight_hh.t()
+    inputs = inputs.unbind(0)
     outputs = []
     for step in range(steps):
         h_next = rnn_step(inputs[step], h, weight_hh_t, recurrent, total, activation, step)
@@ -270,5 +246,4 @@ def rnn(
             outputs.append(h_next * active)
     recurrent.finish(batch)
     total.finish(batch)
-    return torch.stack(outputs), h
-
+    return torch.stack(outputs), (h,)
