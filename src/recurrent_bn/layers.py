@@ -32,6 +32,7 @@ from recurrent_bn.norm import RecurrentBatchNorm, batch_norms, refuse_single_exa
 
 NOISE_MODES = ("training", "authors")
 # A cell's tensors and normalizations by their cell names (`cells.CellTerms.gather` reads them).
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias")
 CELL_TERM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias", "norm_ih", "norm_hh", "norm_c", "shift_c",
                    "norm_sum")
 
@@ -54,8 +55,8 @@ class _RecurrentStack(nn.Module):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if proj_size != 0:
-            raise ValueError(f"proj_size={proj_size}: recurrent_bn layers have no projection of h (torch.nn.LSTM's "
-                             "proj_size); use proj_size=0, or a linear layer on the output")
+            raise ValueError(f"proj_size={proj_size} is not supported: recurrent_bn layers have no projection of h "
+                             "(torch.nn.LSTM's proj_size); use proj_size=0, or a linear layer on the output")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init_state_noise < 0:
@@ -98,6 +99,30 @@ class _RecurrentStack(nn.Module):
                       if hasattr(self, layer_name(name, suffix))} for suffix in suffixes]
             self.__dict__["_cell_names"] = names
         return names
+
+    # What code written for torch.nn.LSTM reads of its weights. The normalizations' γ and β are parameters of their
+    # own modules (`norm_hh_l0.weight`), as torch.nn's modules keep theirs, and are not among these.
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The names of each direction's weights and biases (torch.nn.RNNBase's `_all_weights`)."""
+        return [[flat for name, flat in names.items() if name in WEIGHT_NAMES] for names in self._term_names()]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """Each direction's weights and biases, as torch.nn.LSTM's `all_weights`."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Does nothing, and is here because code written for torch.nn.LSTM calls it: torch packs its weights into
+        one buffer for cuDNN, and these layers have no cuDNN path."""
 
     def _terms(self, index: int) -> CellTerms:
         """Direction `index`'s tensors and normalizations now (after `functional_call` or weight norm too)."""
@@ -344,6 +369,7 @@ class LSTM(_RecurrentStack):
 
     state_count = 2
     cell_class = LSTMCell
+    mode = "LSTM"  # torch.nn.RNNBase's name of the recurrence
 
     def __init__(
         self,
@@ -483,6 +509,11 @@ class RNN(_RecurrentStack):
     def reset_parameters(self) -> None:
         """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
         self._reset()
+
+    @property
+    def mode(self) -> str:
+        """torch.nn.RNN's name of the recurrence: "RNN_TANH", "RNN_RELU" (and "RNN_IDENTITY", which torch has not)."""
+        return f"RNN_{self.nonlinearity.upper()}"
 
     def _init_direction_(self, parameters: dict[str, Tensor]) -> None:
         RNNCell.init_terms_(parameters, self.hidden_size, recurrent_init=self.recurrent_init)
