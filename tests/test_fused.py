@@ -532,3 +532,17 @@ def test_norm_kind_numbers_are_the_kernels():
     from recurrent_bn.norm import Kind
 
     assert fused._extension.KINDS == {kind.name: int(kind) for kind in Kind}
+
+
+@needs_fused
+def test_an_explicit_fused_choice_it_cannot_honour_says_why_once(monkeypatch):
+    from recurrent_bn import backends
+
+    monkeypatch.setattr(backends, "_said", set())
+    model = rb.LSTM(3, 4, norm="bn", backend="fused").to(torch.bfloat16)
+    x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"backend='fused' runs the reference loop on cpu tensors of .*bfloat16"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)

@@ -13,6 +13,7 @@ loop (`recurrence.rnn`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from torch import Tensor
@@ -29,7 +30,8 @@ def pick_backend(setting: str, x: Tensor, *tensors: Tensor) -> str:
     - "reference": the reference loop.
     - "triton": the Triton kernels, or one RuntimeError line saying why they cannot run on x.
     - "fused": the compiled CPU kernels on CPU tensors they cover (all float32 or all float64), else the reference
-      loop; one RuntimeError line when the kernels are unavailable.
+      loop with one warning per process and reason saying why; one RuntimeError line when the kernels are
+      unavailable.
     - "auto": Triton on CUDA tensors its kernels take, the fused kernels on CPU tensors they cover (one warning per
       process when they are unavailable), else the reference loop.
     An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
@@ -41,7 +43,21 @@ def pick_backend(setting: str, x: Tensor, *tensors: Tensor) -> str:
 
         if fused.supports(x, *tensors):
             return "fused"
+    if setting == "fused" and x.shape[1] > 0:
+        dtypes = sorted({str(t.dtype) for t in (x, *tensors)})
+        _say_once(f"backend='fused' runs the reference loop on {x.device.type} tensors of {dtypes}: the fused "
+                  "kernels take CPU tensors, all float32 or all float64")
     return "reference"
+
+
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A warning the first time this process cannot honour an explicit choice for this reason."""
+    if message not in _said:
+        _said.add(message)
+        warnings.warn(f"recurrent_bn: {message}", RuntimeWarning, stacklevel=4)
 
 
 def triton_chosen(setting: str, x: Tensor) -> bool:

@@ -315,7 +315,11 @@ class _RecurrentCell(nn.Module):
     def _finish(self, norms: dict[str, DescribedNorm], step: int, mask: Tensor | None, batch: int) -> None:
         """Fold this step's minibatch statistics into the population statistics (training with batch norm)."""
         for name, norm in norms.items():
-            if norm.kind == Kind.BATCH:
+            if norm.kind != Kind.BATCH:
+                continue
+            if step < norm.module.slots - 1:
+                norm.finish(batch)  # a slot of its own: the layer's update (`RecurrentBatchNorm.record_pass`)
+            else:
                 mean = norm.means[0]
                 count = mean.new_tensor(batch) if mask is None else mask.to(mean.dtype).sum()
                 self._update_population(name, norm.module, mean, norm.variances[0], count, step)
@@ -324,17 +328,14 @@ class _RecurrentCell(nn.Module):
     def _update_population(
         self, name: str, module: RecurrentBatchNorm, mean: Tensor, var: Tensor, count: Tensor, step: int
     ) -> None:
-        """Fold one step's statistics into `module`'s population statistics as the layer folds a whole sequence.
+        """Fold one step at or past the last population slot into it as the layer folds a whole sequence.
 
-        A slot before the last gets one update from its step, as in the layer. The last slot pools every step at or
-        past it, in one update per sequence: the cell keeps the pooled statistics of the steps so far and rewrites
-        that slot from its value before the sequence reached it, so after any step it holds what the layer's update
-        for a sequence ending there gives. Consecutive steps (t, t + 1, ...) count as one sequence.
+        The last slot pools every step at or past it, in one update per sequence: the cell keeps the pooled statistics
+        of the steps so far and rewrites that slot from its value before the sequence reached it, so after any step
+        it holds what the layer's update for a sequence ending there gives. Consecutive steps (t, t + 1, ...) count
+        as one sequence.
         """
         last = module.slots - 1
-        if step < last:
-            module.update_population(mean[None], var[None], count[None], step)
-            return
         pooled = self._pooled.get(name)
         if pooled is None or step != pooled.step + 1:
             zeros = torch.zeros_like(mean, dtype=torch.float64)
