@@ -252,7 +252,13 @@ class _PooledSlot:
 class _RecurrentCell(nn.Module):
     """What the cells share: checks of the input and state, the step's normalizations, the population updates."""
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, bias: bool, options: dict, max_length: int, eps: float,
+        momentum: float | None, factory: dict, *, input_shared_over_time: bool,
+    ) -> None:
+        """Set the checked `options` as attributes, then create, register and initialise this cell's terms.
+        `input_shared_over_time`: whether options sharing the input term's statistics over time would pool them
+        over the sequence (which a cell cannot see)."""
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             if not isinstance(value, int) or value < 1:
@@ -260,11 +266,15 @@ class _RecurrentCell(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self._pooled: dict[str, _PooledSlot] = {}
-
-    def _refuse_input_shared_over_time(self) -> None:
-        if "input" in self.share_statistics_over_time:
+        for name, value in options.items():
+            setattr(self, name, value)
+        if input_shared_over_time and "input" in self.share_statistics_over_time:
             raise ValueError("a cell sees one step at a time, so it cannot normalize the input term with statistics "
                              "over the whole sequence (vbn, share_statistics_over_time with 'input'): use the layer")
+        for name, value in self.create_terms(input_size, hidden_size, bias, options, max_length, eps, momentum,
+                                             factory).items():
+            setattr(self, name, value)
+        self.reset_parameters()
 
     def terms(self) -> CellTerms:
         """This cell's tensors and normalizations as the loops read them (current values: after `functional_call`
@@ -390,17 +400,10 @@ class LSTMCell(_RecurrentCell):
         orthogonal_init: str = "joint",
         cell_bias: bool = False,
     ) -> None:
-        super().__init__(input_size, hidden_size)
         options = lstm_options(norm, norm_terms, share_statistics_over_time, gamma_init, forget_bias, recurrent_init,
                                orthogonal_init, cell_bias)
-        for name, value in options.items():
-            setattr(self, name, value)
-        self._refuse_input_shared_over_time()
-        terms = self.create_terms(input_size, hidden_size, bias, options, max_length, eps, momentum,
-                                  {"device": device, "dtype": dtype})
-        for name, value in terms.items():
-            setattr(self, name, value)
-        self.reset_parameters()
+        super().__init__(input_size, hidden_size, bias, options, max_length, eps, momentum,
+                         {"device": device, "dtype": dtype}, input_shared_over_time=True)
 
     @staticmethod
     def create_terms(
@@ -518,18 +521,12 @@ class RNNCell(_RecurrentCell):
         norm_terms: tuple[str, ...] | list[str] | None = None,
         recurrent_init: str = "orthogonal",
     ) -> None:
-        super().__init__(input_size, hidden_size)
         options = rnn_options(norm, nonlinearity, norm_placement, norm_terms, share_statistics_over_time, gamma_init,
                               recurrent_init)
-        for name, value in options.items():
-            setattr(self, name, value)
-        if norm_placement == "separate":
-            self._refuse_input_shared_over_time()
-        terms = self.create_terms(input_size, hidden_size, bias, options, max_length, eps, momentum,
-                                  {"device": device, "dtype": dtype})
-        for name, value in terms.items():
-            setattr(self, name, value)
-        self.reset_parameters()
+        # With "sum" placement the one normalization is of the step's whole pre-activation: shared statistics over
+        # time share its population slot only, which a cell can do.
+        super().__init__(input_size, hidden_size, bias, options, max_length, eps, momentum,
+                         {"device": device, "dtype": dtype}, input_shared_over_time=norm_placement == "separate")
 
     @staticmethod
     def create_terms(
