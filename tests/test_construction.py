@@ -102,3 +102,16 @@ def test_proj_size_zero_is_accepted_and_any_other_is_refused_in_one_line():
     nn.LSTM(3, 4, proj_size=2)  # torch has it; we say that we have not
     with pytest.raises(ValueError, match=r"^proj_size=2 is not supported"):
         rb.LSTM(3, 4, proj_size=2)
+
+
+def test_parameter_order_is_the_one_checkpoints_were_written_with():
+    # An optimizer's state is saved by parameter position: a checkpoint written before the layers were built from
+    # cells resumes only if the order is unchanged (weights and biases of every direction, then the normalizations).
+    model = rb.LSTM(2, 3, 2, norm="bn", bidirectional=True, learn_initial_state=True)
+    directions = ("l0", "l0_reverse", "l1", "l1_reverse")
+    assert [name for name, _ in model.named_parameters()] == [
+        "initial_state",
+        *(f"{kind}_{d}" for d in directions for kind in ("weight_ih", "weight_hh", "bias")),
+        *(f"{norm}_{d}.{p}" for d in directions
+          for norm, p in (("norm_ih", "weight"), ("norm_hh", "weight"), ("norm_c", "weight"), ("norm_c", "bias"))),
+    ]
