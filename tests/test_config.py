@@ -106,10 +106,12 @@ def test_a_model_file_holds_exactly_its_layers_arguments(model, make_cfg):
     import inspect
 
     from recurrent_bn import LSTM, RNN
+    from recurrent_bn.models import NOT_CONFIGURED
 
     cfg = make_cfg(f"model={model}")
     layer = {"lstm": LSTM, "rnn": RNN}[cfg.model.cell]
-    arguments = set(inspect.signature(layer.__init__).parameters) - {"self", "input_size", "batch_first"}
+    arguments = set(inspect.signature(layer.__init__).parameters) - {"self", "input_size", "batch_first",
+                                                                     *NOT_CONFIGURED}
     assert set(cfg.model) - {"name", "cell"} == arguments
 
 

@@ -524,3 +524,25 @@ def test_fused_gradgradcheck(variant, training):
     lengths = torch.tensor([2, 1, 2])
     f, values = as_function(model, lengths)
     assert torch.autograd.gradgradcheck(f, (x, h0, c0, *values), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@needs_fused
+def test_norm_kind_numbers_are_the_kernels():
+    """`norm.Kind` is the one description of a normalized term: the C++ enum must number the kinds alike."""
+    from recurrent_bn.norm import Kind
+
+    assert fused._extension.KINDS == {kind.name: int(kind) for kind in Kind}
+
+
+@needs_fused
+def test_an_explicit_fused_choice_it_cannot_honour_says_why_once(monkeypatch):
+    from recurrent_bn import backends
+
+    monkeypatch.setattr(backends, "_said", set())
+    model = rb.LSTM(3, 4, norm="bn", backend="fused").to(torch.bfloat16)
+    x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"backend='fused' runs the reference loop on cpu tensors of .*bfloat16"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)

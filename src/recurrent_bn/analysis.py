@@ -27,6 +27,7 @@ from torch.nn import functional as F
 
 from recurrent_bn import data
 from recurrent_bn.config import CONF_DIR
+from recurrent_bn.layers import set_backend
 from recurrent_bn.models import build_model
 from recurrent_bn.norm import batch_norms
 from recurrent_bn.runs import checkpoint_file, load_trained_model
@@ -137,9 +138,7 @@ def gradient_flow(model: nn.Module, x: Tensor, y: Tensor, seed: int = 0, layer: 
     h_t is the state after reading input t (1-based), so t = T is the state the read-out sees.
     """
     model = copy.deepcopy(model).double().train()
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = "reference"
+    set_backend(model, "reference")
     x = x.double()
     recurrent, head = model.recurrent, model.head
     torch.manual_seed(seed)

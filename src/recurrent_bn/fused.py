@@ -1,6 +1,6 @@
 """The fused CPU path of the LSTM layers: a C++ loop over time with a hand-written backward through time.
 
-`layers.pick_backend` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
+`backends.pick_backend` sends a layer here when its backend allows it ("auto" or "fused") and its tensors are float32 or
 float64 on the CPU. The kernels (`csrc/`: `lstm.cpp` says which file holds what; `lstm.h` is the interface, every
 tensor by name) are compiled with `torch.utils.cpp_extension` the first time they are needed (about 20-60 s) and
 loaded from PyTorch's extension cache (`~/.cache/torch_extensions`, or `$TORCH_EXTENSIONS_DIR`) afterwards, under a
@@ -26,20 +26,20 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
-from recurrent_bn.norm import loop_term
+from recurrent_bn.norm import Kind, loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
+
+if TYPE_CHECKING:
+    from recurrent_bn.cells import CellTerms
 
 log = logging.getLogger(__name__)
 
-# How a term is normalized; the C++ enum `rbn::Kind` uses the same numbers.
-NONE, LAYER, BATCH, SHARED, AFFINE = range(5)
-KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
-KIND_NAMES = {code: name for name, code in KINDS.items()}
 TERMS = ("input", "recurrent", "cell")  # the extension's names, in the order of the term tensors
 TERM_TENSORS = ("gamma", "beta", "scale", "mean")  # `norm.loop_term`; the mean is never trained
 DTYPES = (torch.float32, torch.float64)
@@ -135,12 +135,6 @@ def threads_for(batch: int, hidden: int) -> int:
     return torch.get_num_threads() if batch * hidden >= MIN_PARALLEL_WORK else 1
 
 
-def _term(module: nn.Module | None, steps: int, start_step: int, input_term: bool):
-    """(kind code, eps, [gamma, beta, scale, mean]) of one term (`norm.loop_term`)."""
-    kind, eps, tensors = loop_term(module, steps, start_step, input_term)
-    return KINDS[kind], eps, tensors
-
-
 def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
@@ -149,10 +143,10 @@ def _or_empty(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
     return [_empty(like) if t is None else t.detach() for t in tensors]
 
 
-def _specs(kinds: list[int], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
+def _specs(kinds: list[Kind], eps: list[float], term_tensors: list[Tensor | None], like: Tensor) -> dict:
     """The three terms as the extension's `TermSpec`s, by name (input, recurrent, cell)."""
     tensors = _or_empty(list(term_tensors), like)
-    return {name: _extension.TermSpec(kinds[i], eps[i], *tensors[4 * i : 4 * i + 4])
+    return {name: _extension.TermSpec(int(kinds[i]), eps[i], *tensors[4 * i : 4 * i + 4])
             for i, name in enumerate(TERMS)}
 
 
@@ -207,7 +201,7 @@ class FusedLSTMFunction(torch.autograd.Function):
 def _reference(config: dict, x: Tensor, weight_ih: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tensor,
                bias: Tensor | None, mask: Tensor | None, *term_tensors) -> tuple[Tensor, Tensor, Tensor]:
     """What the kernels compute from `FusedLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
-    norms = [DescribedNorm(KIND_NAMES[kind], eps, term_tensors[4 * k : 4 * k + 4], mask)
+    norms = [DescribedNorm(kind, eps, term_tensors[4 * k : 4 * k + 4], mask)
              for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"], strict=True))]
     input_term = norms[0].sequence(F.linear(x, weight_ih))
     if bias is not None:
@@ -215,37 +209,29 @@ def _reference(config: dict, x: Tensor, weight_ih: Tensor, h0: Tensor, c0: Tenso
     return lstm_loop(input_term, h0, c0, weight_hh, norms[1], norms[2], mask)
 
 
-def lstm(
-    x: Tensor,
-    weight_ih: Tensor,
-    h: Tensor,
-    c: Tensor,
-    weight_hh: Tensor,
-    norm_ih: nn.Module | None,
-    bias: Tensor | None,
-    norm_hh: nn.Module | None,
-    norm_c: nn.Module | None,
-    mask: Tensor | None,
-    start_step: int = 0,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """`recurrence.lstm` on the fused kernels, from the layer input x (T, B, I) and W_x: same results, same updates
-    of the population statistics. The projection W_x x and its gradients run on oneDNN for float32."""
+def lstm(terms: CellTerms, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start_step: int = 0
+         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """`recurrence.lstm` on the fused kernels (same signature, `backends.py`): same results, same updates of the
+    population statistics. The projection W_x x and its gradients run on oneDNN for float32."""
+    weight_ih, weight_hh, bias = terms.weight_ih, terms.weight_hh, terms.bias
+    norm_ih, norm_hh, norm_c = terms.norm_ih, terms.norm_hh, terms.norm_out
+    h, c = state
     if _load() is None:
         raise RuntimeError(f"the fused kernels are unavailable ({_reason}): use backend='reference'")
     steps, batch = x.shape[:2]
     hidden = h.shape[-1]
     mask = None if mask is None else mask.contiguous()
-    terms = [
-        _term(norm_ih, steps, start_step, input_term=True),
-        _term(norm_hh, steps, start_step, input_term=False),
-        _term(norm_c, steps, start_step, input_term=False),
+    described = [
+        loop_term(norm_ih, steps, start_step, input_term=True),
+        loop_term(norm_hh, steps, start_step),
+        loop_term(norm_c, steps, start_step),
     ]
     config = {
-        "kinds": [kind for kind, _, _ in terms],
-        "eps": [float(eps) for _, eps, _ in terms],
+        "kinds": [kind for kind, _, _ in described],
+        "eps": [float(eps) for _, eps, _ in described],
         "threads": threads_for(batch, hidden),
     }
-    term_tensors = [t for _, _, tensors in terms for t in tensors]
+    term_tensors = [t for _, _, tensors in described for t in tensors]
     h, c = h.contiguous(), c.contiguous()
     inputs = [x, weight_ih, h, c, weight_hh, bias, *term_tensors]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
@@ -260,11 +246,11 @@ def lstm(
         output, h_n, c_n = result.output, result.h, result.c
         config["stats"] = _statistics(result.saved)
     # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
-    for (kind, _, _), module, (mean, var) in zip(terms, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
-        if kind in (SHARED, BATCH):
+    for (kind, _, _), module, (mean, var) in zip(described, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
+        if kind in (Kind.SHARED, Kind.BATCH):
             module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step,
-                               pooled=kind == SHARED)
-    return output, h_n, c_n
+                               pooled=kind == Kind.SHARED)
+    return output, (h_n, c_n)
 
 
 def kernel_variant() -> str | None:

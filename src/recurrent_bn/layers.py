@@ -1,339 +1,62 @@
-"""Normalized recurrent layers shaped like `torch.nn.LSTM` and `torch.nn.RNN`.
+"""Normalized recurrent layers shaped like `torch.nn.LSTM` and `torch.nn.RNN`: a stack of cells.
 
-Every layer computes its input term `W_x x_t` for all timesteps in one matrix product and normalizes it in one
-vectorized pass before the time loop: it does not depend on the recurrence. Only the recurrent term, its per-timestep
-normalization and the cell update stay in the loop (`recurrence.py`).
+Each direction of each layer is made by its cell class (`cells.LSTMCell`, `cells.RNNCell`: options, parameters,
+normalizations, initialisation) and registered under torch.nn's names (`weight_ih_l0`, `norm_c_l0_reverse`), so that
+parameter names, their order and state dicts are torch.nn's. A pass reads each direction as a `cells.CellTerms` and
+runs it on the loop `backends.pick_backend` chooses (reference, C++ or Triton; one signature). The stack adds what
+the cells do not have: initial states, lengths and masks, the reverse direction, stacking and dropout between
+layers.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from recurrent_bn import recurrence
-from recurrent_bn.errors import InputError
-from recurrent_bn.norm import (
-    CellShift,
-    RecurrentBatchNorm,
-    RecurrentLayerNorm,
-    batch_norms,
-    default_gamma,
-    refuse_single_example,
+from recurrent_bn import backends, recurrence
+from recurrent_bn.backends import BACKENDS
+from recurrent_bn.cells import (
+    NONLINEARITIES,
+    CellTerms,
+    LSTMCell,
+    RNNCell,
+    choice,
+    layer_name,
+    lstm_options,
+    rnn_options,
 )
+from recurrent_bn.errors import InputError
+from recurrent_bn.norm import RecurrentBatchNorm, batch_norms, refuse_single_example
 
-LSTM_NORMS = ("none", "vbn", "bn", "ln")
-RNN_NORMS = ("none", "bn", "ln")
-LSTM_TERMS = ("input", "recurrent", "cell")
-RNN_TERMS = ("input", "recurrent")
-PLACEMENTS = ("sum", "separate")
-NONLINEARITIES = ("tanh", "relu", "identity")
-RECURRENT_INITS = ("orthogonal", "identity")
-ORTHOGONAL_SCOPES = ("joint", "per_gate")
 NOISE_MODES = ("training", "authors")
-BACKENDS = ("auto", "reference", "fused", "triton")
-
-
-def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-    return value
-
-
-def pick_backend(setting: str, x: Tensor, *tensors: Tensor) -> str:
-    """Which loop runs one LSTM layer: "triton", "fused" or "reference", decided once per call from the layer's
-    `backend` setting, its input x (T, B, I) and the other tensors the kernels would read (W_x, h_0, c_0, W_h).
-
-    - "reference": the reference loop.
-    - "triton": the Triton kernels, or one RuntimeError line saying why they cannot run on x.
-    - "fused": the compiled CPU kernels on CPU tensors they cover (all float32 or all float64), else the reference
-      loop; one RuntimeError line when the kernels are unavailable.
-    - "auto": Triton on CUDA tensors its kernels take, the fused kernels on CPU tensors they cover (one warning per
-      process when they are unavailable), else the reference loop.
-    An empty batch runs the reference loop, which returns empty outputs as torch.nn.LSTM does.
-    """
-    if _triton_chosen(setting, x):
-        return "triton" if x.shape[1] > 0 else "reference"
-    if _fused_chosen(setting, x) and x.shape[1] > 0:
-        from recurrent_bn import fused
-
-        if fused.supports(x, *tensors):
-            return "fused"
-    return "reference"
-
-
-def _triton_chosen(setting: str, x: Tensor) -> bool:
-    """"triton" (which raises with one line when its kernels cannot run on x), or "auto" on a CUDA tensor they take."""
-    if setting not in ("triton", "auto") or (setting == "auto" and x.device.type != "cuda"):
-        return False
-    from recurrent_bn import triton_lstm
-
-    if setting == "triton":
-        triton_lstm.check(x)
-        return True
-    return triton_lstm.covers(x)
-
-
-def _fused_chosen(setting: str, x: Tensor) -> bool:
-    """"fused" or "auto" on a CPU tensor, with the kernels available (`recurrence.use_fused` raises or warns when
-    not). Only CPU tensors can use them: the extension is never built for a GPU run."""
-    return x.device.type == "cpu" and setting != "triton" and recurrence.use_fused(setting)
-
-
-def _omp_thread_limit() -> int | None:
-    """OMP_THREAD_LIMIT as a positive integer, or None (unset or not a number: OpenMP ignores it then)."""
-    try:
-        limit = int(os.environ.get("OMP_THREAD_LIMIT", ""))
-    except ValueError:
-        return None
-    return limit if limit > 0 else None
-
-
-def orthogonal_(tensor: Tensor) -> Tensor:
-    """`nn.init.orthogonal_` that cannot hang.
-
-    With OMP_THREAD_LIMIT below torch's thread count, its QR (LAPACK on an OpenMP team) waited forever for threads
-    OpenMP would not start (a 256 x 64 matrix, OMP_THREAD_LIMIT=1 and two torch threads): the QR then runs on the
-    threads the limit allows. Otherwise the call is unchanged, so seeded initializations are bit for bit as before
-    (the QR's last bits depend on the number of threads: one thread instead of two changes them by ~1e-7)."""
-    threads, limit = torch.get_num_threads(), _omp_thread_limit()
-    if limit is None or limit >= threads:
-        return nn.init.orthogonal_(tensor)
-    torch.set_num_threads(limit)
-    try:
-        return nn.init.orthogonal_(tensor)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _orthogonal_(weight: Tensor, blocks: int, scope: str) -> None:
-    """Orthogonal initialisation of a gate-stacked weight (blocks * H, n).
-
-    "joint": one orthogonal matrix over all blocks, as the authors draw W_h (H, 4H) and W_x (I, 4H) in their
-    layout: in torch's (4H, n) layout its columns are orthonormal, `W^T W = I` (entries of RMS 1/sqrt(4H) for W_h).
-    "per_gate": each block separately orthogonal (entries sqrt(blocks) times larger).
-    """
-    with torch.no_grad():
-        for block in weight.chunk(blocks, 0) if scope == "per_gate" else (weight,):
-            orthogonal_(block)
-
-
-def _make_norm(
-    kind: str, features: int, max_length: int, gamma_init: float, eps: float, momentum: float | None,
-    shared: bool, learn_beta: bool,
-) -> nn.Module:
-    if kind == "ln":
-        return RecurrentLayerNorm(features, gamma_init=gamma_init, learn_beta=learn_beta, eps=eps)
-    return RecurrentBatchNorm(
-        features, max_length, gamma_init=gamma_init, learn_beta=learn_beta, eps=eps, momentum=momentum,
-        share_statistics_over_time=shared,
-    )
-
-
-def _shared_terms(value: bool | str | tuple[str, ...] | list[str] | None, norm: str, norm_terms: tuple[str, ...],
-                  allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """`share_statistics_over_time` as the terms it applies to: True all, False none, or the terms named.
-
-    Naming terms is the paper's BN-e*: ("input",) shares the input term's statistics over time (its fix for
-    zero-padded inputs) and keeps per-timestep statistics for the others.
-    """
-    if value is None or isinstance(value, bool):
-        return tuple(norm_terms) if value else ()
-    terms = (value,) if isinstance(value, str) else tuple(value)
-    for term in terms:
-        _choice("share_statistics_over_time entry", term, allowed)
-    if terms and norm not in ("bn", "vbn"):
-        raise ValueError("share_statistics_over_time names batch-norm statistics: it needs norm='bn'")
-    missing = [t for t in terms if t not in norm_terms]
-    if missing:
-        raise ValueError(f"share_statistics_over_time names {missing}, which norm_terms={norm_terms} does not "
-                         "normalize: add them to norm_terms or leave them out")
-    return tuple(t for t in allowed if t in terms)
-
-
-def _gamma(norm: str, gamma_init: float | None) -> float:
-    """`gamma_init`, or the normalization's default (`norm.default_gamma`), checked once for every layer and cell."""
-    gamma = default_gamma(norm) if gamma_init is None else float(gamma_init)
-    if norm != "none" and gamma <= 0:
-        raise ValueError(f"gamma_init must be > 0, got {gamma}")
-    return gamma
-
-
-def _lstm_options(module: nn.Module, norm: str, norm_terms, share_statistics_over_time) -> None:
-    """Check and set the options an LSTM layer and an LSTMCell share: norm, norm_terms, the shared terms."""
-    module.norm = _choice("norm", norm, LSTM_NORMS)
-    if norm_terms is None:
-        norm_terms = {"none": (), "vbn": ("input",)}.get(norm, LSTM_TERMS)
-    for term in norm_terms:
-        _choice("norm_terms entry", term, LSTM_TERMS)
-    if norm == "none" and norm_terms:
-        raise ValueError("norm_terms needs a normalization: set norm to 'bn', 'ln' or 'vbn'")
-    module.norm_terms = tuple(t for t in LSTM_TERMS if t in norm_terms)
-    # Vertical batch norm shares every statistic over time by definition.
-    shared = True if norm == "vbn" else share_statistics_over_time
-    module.share_statistics_over_time = _shared_terms(shared, norm, module.norm_terms, LSTM_TERMS)
-
-
-def _add_lstm_terms(
-    module: nn.Module, suffix: str, input_size: int, bias: bool, max_length: int, eps: float, momentum: float | None
-) -> None:
-    """Register one LSTM layer's (or cell's) parameters and normalizations, named as torch names them plus `suffix`
-    (`weight_ih_l0_reverse`; `weight_ih` for a cell). Reads the options `_lstm_options` set on `module`."""
-    hidden = module.hidden_size
-    features = 4 * hidden
-    module.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(features, input_size)))
-    module.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(features, hidden)))
-    if bias and module.norm == "none":
-        module.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(features)))
-        module.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(features)))
-    elif bias:
-        module.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(features)))
-    kind = "ln" if module.norm == "ln" else "bn"
-    for term, name, size, learn_beta in (
-        ("input", "norm_ih", features, False),
-        ("recurrent", "norm_hh", features, False),
-        ("cell", "norm_c", hidden, True),
-    ):
-        if term in module.norm_terms:
-            shared = term in module.share_statistics_over_time
-            norm = _make_norm(kind, size, max_length, module.gamma_init, eps, momentum, shared, learn_beta)
-            module.add_module(f"{name}{suffix}", norm)
-    if module.cell_bias and "cell" not in module.norm_terms:
-        module.add_module(f"shift_c{suffix}", CellShift(hidden))
-
-
-def _init_lstm_terms_(module: nn.Module, suffix: str) -> None:
-    """The authors' initialisation of one LSTM layer (or cell): W_x and W_h orthogonal (or identity for g), zero
-    biases, forget bias `forget_bias`."""
-    hidden = module.hidden_size
-    _orthogonal_(getattr(module, f"weight_ih{suffix}"), 4, module.orthogonal_init)
-    weight_hh = getattr(module, f"weight_hh{suffix}")
-    if module.recurrent_init == "identity":
-        # Gate order i, f, g, o: the f, i, o rows are orthogonal (jointly or per gate), g is the identity.
-        others = torch.empty(3 * hidden, hidden, dtype=weight_hh.dtype, device=weight_hh.device)
-        _orthogonal_(others, 3, module.orthogonal_init)
-        with torch.no_grad():
-            weight_hh[: 2 * hidden].copy_(others[: 2 * hidden])
-            weight_hh[2 * hidden : 3 * hidden].copy_(torch.eye(hidden))
-            weight_hh[3 * hidden :].copy_(others[2 * hidden :])
-    else:
-        _orthogonal_(weight_hh, 4, module.orthogonal_init)
-    biases = [p for p in (_parameter(module, f"bias_ih{suffix}"), _parameter(module, f"bias{suffix}")) if p is not None]
-    for parameter in biases + [_parameter(module, f"bias_hh{suffix}")]:
-        if parameter is not None:
-            nn.init.zeros_(parameter)
-    if biases:
-        with torch.no_grad():
-            biases[0][hidden : 2 * hidden].fill_(module.forget_bias)
-
-
-def _parameter(module: nn.Module, name: str) -> Tensor | None:
-    """The parameter `name` of `module`, or None (a cell's flags are not parameters, unlike a bias named `bias`)."""
-    return module._parameters.get(name)
-
-
-def _bias(module: nn.Module, suffix: str) -> Tensor | None:
-    """The bias added to the input term: torch's two biases summed (no normalization), else the one bias, or None."""
-    bias_ih = _parameter(module, f"bias_ih{suffix}")
-    if bias_ih is not None:
-        return bias_ih + _parameter(module, f"bias_hh{suffix}")
-    return _parameter(module, f"bias{suffix}")
-
-
-def _sum_norm_name(suffix: str) -> str:
-    """The RNN's one normalization of the summed terms: `norm_l0` in a layer, `norm_sum` in a cell (whose `norm`
-    is the option)."""
-    return f"norm{suffix}" if suffix else "norm_sum"
-
-
-def _rnn_options(module: nn.Module, norm: str, norm_placement: str, norm_terms, share_statistics_over_time) -> None:
-    """Check and set the options an RNN layer and an RNNCell share."""
-    module.norm = _choice("norm", norm, RNN_NORMS)
-    module.norm_placement = _choice("norm_placement", norm_placement, PLACEMENTS)
-    if norm_terms is None:
-        norm_terms = () if norm == "none" else RNN_TERMS
-    for term in norm_terms:
-        _choice("norm_terms entry", term, RNN_TERMS)
-    if norm == "none" and norm_terms:
-        raise ValueError("norm_terms needs a normalization: set norm to 'bn' or 'ln'")
-    if norm != "none" and norm_placement == "sum" and tuple(norm_terms) not in (RNN_TERMS, RNN_TERMS[::-1]):
-        raise ValueError("norm_placement='sum' normalizes the sum of both terms: use 'separate' for norm_terms")
-    module.norm_terms = tuple(t for t in RNN_TERMS if t in norm_terms)
-    shared = _shared_terms(share_statistics_over_time, norm, module.norm_terms, RNN_TERMS)
-    if norm_placement == "sum" and shared not in ((), RNN_TERMS):
-        raise ValueError("norm_placement='sum' has one normalization of the summed terms: set "
-                         "share_statistics_over_time to true or false, or use norm_placement='separate'")
-    module.share_statistics_over_time = shared
-
-
-def _add_rnn_terms(
-    module: nn.Module, suffix: str, input_size: int, bias: bool, max_length: int, eps: float, momentum: float | None
-) -> None:
-    """Register one RNN layer's (or cell's) parameters and normalizations (see `_add_lstm_terms`)."""
-    hidden = module.hidden_size
-    kind = "ln" if module.norm == "ln" else "bn"
-    module.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(hidden, input_size)))
-    module.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(hidden, hidden)))
-    if module.norm == "none" and bias:
-        module.register_parameter(f"bias_ih{suffix}", nn.Parameter(torch.empty(hidden)))
-        module.register_parameter(f"bias_hh{suffix}", nn.Parameter(torch.empty(hidden)))
-    elif module.norm != "none" and module.norm_placement == "sum":
-        # β of the one normalization is the bias: a separate b would be removed by the mean subtraction.
-        shared = bool(module.share_statistics_over_time)
-        norm = _make_norm(kind, hidden, max_length, module.gamma_init, eps, momentum, shared, learn_beta=bias)
-        module.add_module(_sum_norm_name(suffix), norm)
-    elif module.norm != "none":
-        if bias:
-            module.register_parameter(f"bias{suffix}", nn.Parameter(torch.empty(hidden)))
-        for term, name in (("input", "norm_ih"), ("recurrent", "norm_hh")):
-            if term in module.norm_terms:
-                shared = term in module.share_statistics_over_time
-                norm = _make_norm(kind, hidden, max_length, module.gamma_init, eps, momentum, shared, learn_beta=False)
-                module.add_module(f"{name}{suffix}", norm)
-
-
-def _init_rnn_terms_(module: nn.Module, suffix: str) -> None:
-    """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-    orthogonal_(getattr(module, f"weight_ih{suffix}"))
-    weight_hh = getattr(module, f"weight_hh{suffix}")
-    if module.recurrent_init == "identity":
-        with torch.no_grad():
-            weight_hh.copy_(torch.eye(module.hidden_size))
-    else:
-        orthogonal_(weight_hh)
-    for name in (f"bias_ih{suffix}", f"bias_hh{suffix}", f"bias{suffix}"):
-        if _parameter(module, name) is not None:
-            nn.init.zeros_(_parameter(module, name))
+# A cell's tensors and normalizations by their cell names (`cells.CellTerms.gather` reads them).
+WEIGHT_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias")
+CELL_TERM_NAMES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias", "norm_ih", "norm_hh", "norm_c", "shift_c",
+                   "norm_sum")
 
 
 class _RecurrentStack(nn.Module):
-    """What the LSTM and the RNN share: initial states, masks from lengths, stacking and dropout between layers."""
+    """What the LSTM and the RNN share: their directions made by a cell class, initial states, masks from lengths,
+    stacking and dropout between layers."""
 
     state_count: int  # 2 for the LSTM (h, c), 1 for the RNN
-
-    def _reset(self, init_terms) -> None:
-        """`init_terms(self, suffix)` for every layer and direction, then each normalization's own reset and h_0 = 0."""
-        for layer in range(self.num_layers):
-            for name in self._layer_names(layer):
-                init_terms(self, f"_{name}")
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-        if self.learn_initial_state:
-            nn.init.zeros_(self.initial_state)
+    cell_class: type[LSTMCell] | type[RNNCell]
 
     def __init__(
-        self, input_size: int, hidden_size: int, num_layers: int, batch_first: bool, dropout: float,
-        learn_initial_state: bool, init_state_noise: float, init_state_noise_mode: str, backend: str,
-        *, bidirectional: bool = False,
+        self, input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool, dropout: float,
+        bidirectional: bool, proj_size: int, factory: dict, options: dict, *, max_length: int, eps: float,
+        momentum: float | None, learn_initial_state: bool, init_state_noise: float, init_state_noise_mode: str,
+        backend: str,
     ) -> None:
         super().__init__()
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if proj_size != 0:
+            raise ValueError(f"proj_size={proj_size} is not supported: recurrent_bn layers have no projection of h "
+                             "(torch.nn.LSTM's proj_size); use proj_size=0, or a linear layer on the output")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if init_state_noise < 0:
@@ -341,10 +64,12 @@ class _RecurrentStack(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.num_layers = num_layers
+        self.bias = bias
         self.batch_first = batch_first
         self.dropout = dropout
+        self.proj_size = proj_size
         self.init_state_noise = init_state_noise
-        self.init_state_noise_mode = _choice("init_state_noise_mode", init_state_noise_mode, NOISE_MODES)
+        self.init_state_noise_mode = choice("init_state_noise_mode", init_state_noise_mode, NOISE_MODES)
         self.backend = backend
         self.bidirectional = bool(bidirectional)
         self.num_directions = 2 if bidirectional else 1
@@ -352,8 +77,76 @@ class _RecurrentStack(nn.Module):
         if learn_initial_state:
             # h_0 (and c_0) learned, starting at zero, as in the authors' code.
             self.initial_state = nn.Parameter(
-                torch.zeros(self.state_count, num_layers * self.num_directions, hidden_size)
+                torch.zeros(self.state_count, num_layers * self.num_directions, hidden_size, **factory)
             )
+        for name, value in options.items():
+            setattr(self, name, value)
+        for layer in range(num_layers):
+            for suffix in self._layer_names(layer):
+                terms = self.cell_class.create_terms(self._layer_input_size(layer), hidden_size, bias, options,
+                                                     max_length, eps, momentum, factory)
+                for name, value in terms.items():
+                    setattr(self, layer_name(name, suffix), value)
+
+    def _term_names(self) -> list[dict[str, str]]:
+        """For each direction (layer by layer, forward then reverse) its cell names and this layer's names for them
+        (`weight_ih` → `weight_ih_l0`). Found once from what is registered (a whole model pickled before this
+        existed has no list), and the same for the life of the layer: registration happens in `__init__` only."""
+        names = self.__dict__.get("_cell_names")
+        if names is None:
+            suffixes = [s for layer in range(self.num_layers) for s in self._layer_names(layer)]
+            names = [{name: layer_name(name, suffix) for name in CELL_TERM_NAMES
+                      if hasattr(self, layer_name(name, suffix))} for suffix in suffixes]
+            self.__dict__["_cell_names"] = names
+        return names
+
+    # What code written for torch.nn.LSTM reads of its weights. The normalizations' γ and β are parameters of their
+    # own modules (`norm_hh_l0.weight`), as torch.nn's modules keep theirs, and are not among these.
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The names of each direction's weights and biases (torch.nn.RNNBase's `_all_weights`)."""
+        return [[flat for name, flat in names.items() if name in WEIGHT_NAMES] for names in self._term_names()]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[Tensor]]:
+        """Each direction's weights and biases, as torch.nn.LSTM's `all_weights`."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """Does nothing, and is here because code written for torch.nn.LSTM calls it: torch packs its weights into
+        one buffer for cuDNN, and these layers have no cuDNN path."""
+
+    def _terms(self, index: int) -> CellTerms:
+        """Direction `index`'s tensors and normalizations now (after `functional_call` or weight norm too)."""
+        names = self._term_names()[index]
+        return CellTerms.gather(lambda name: getattr(self, names[name]) if name in names else None)
+
+    def _reset(self) -> None:
+        """Each direction's cell initialisation, then each normalization's own reset and h_0 = 0."""
+        for names in self._term_names():
+            parameters = {name: getattr(self, flat) for name, flat in names.items()}
+            self._init_direction_({n: p for n, p in parameters.items() if isinstance(p, Tensor)})
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        if self.learn_initial_state:
+            nn.init.zeros_(self.initial_state)
+
+    def _init_direction_(self, parameters: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def _run(self, terms: CellTerms, x: Tensor, state: tuple[Tensor, ...], mask: Tensor | None, start_step: int
+             ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One direction over the time-major x (the signature of `backends.py`)."""
+        raise NotImplementedError
 
     @property
     def backend(self) -> str:
@@ -362,7 +155,7 @@ class _RecurrentStack(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._backend = _choice("backend", value, BACKENDS)
+        self._backend = choice("backend", value, BACKENDS)
 
     def _layer_names(self, layer: int) -> list[str]:
         """Suffixes of one layer's parameters and normalizations, one per direction, as torch names them."""
@@ -472,12 +265,12 @@ class _RecurrentStack(nn.Module):
         finals = []
         for layer in range(self.num_layers):
             outputs = []
-            for direction, name in enumerate(self._layer_names(layer)):
+            for direction in range(self.num_directions):
                 index = layer * self.num_directions + direction
                 # The reverse direction reads each sequence's valid part backwards, its padding left in place, so
                 # that its step t holds the t-th position it reads (the paper's reversal of the unpadded portion).
                 x = layer_input if direction == 0 else _reverse(layer_input, reverse_index)
-                output, final = self._layer(name, x, [s[index] for s in states], mask, start_step)
+                output, final = self._run(self._terms(index), x, tuple(s[index] for s in states), mask, start_step)
                 outputs.append(output if direction == 0 else _reverse(output, reverse_index))
                 finals.append(final)
             output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, -1)
@@ -537,6 +330,9 @@ class LSTM(_RecurrentStack):
 
     Normalized variants have one bias `bias_l{k}` (b of eq. 6) in place of torch's `bias_ih`/`bias_hh`.
 
+    `LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+    proj_size=0, device=None, dtype=None)` as torch.nn.LSTM (proj_size must be 0), the options below keyword-only.
+
     Args (beyond torch.nn.LSTM's):
         max_length: timesteps with their own batch-norm population statistics (T_max).
         gamma_init: initial γ of every normalization (default 0.1 for batch norm, 1.0 for layer norm).
@@ -572,17 +368,23 @@ class LSTM(_RecurrentStack):
     """
 
     state_count = 2
+    cell_class = LSTMCell
+    mode = "LSTM"  # torch.nn.RNNBase's name of the recurrence
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
-        *,
-        norm: str = "none",
         bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        norm: str = "none",
         max_length: int = 1000,
         gamma_init: float | None = None,
         eps: float = 1e-5,
@@ -597,54 +399,35 @@ class LSTM(_RecurrentStack):
         init_state_noise: float = 0.0,
         init_state_noise_mode: str = "training",
         backend: str = "auto",
-        bidirectional: bool = False,
     ) -> None:
+        options = lstm_options(norm, norm_terms, share_statistics_over_time, gamma_init, forget_bias, recurrent_init,
+                               orthogonal_init, cell_bias)
         super().__init__(
-            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
-            init_state_noise_mode, backend, bidirectional=bidirectional,
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size,
+            {"device": device, "dtype": dtype}, options, max_length=max_length, eps=eps, momentum=momentum,
+            learn_initial_state=learn_initial_state, init_state_noise=init_state_noise,
+            init_state_noise_mode=init_state_noise_mode, backend=backend,
         )
-        _lstm_options(self, norm, norm_terms, share_statistics_over_time)
-        self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
-        self.orthogonal_init = _choice("orthogonal_init", orthogonal_init, ORTHOGONAL_SCOPES)
-        self.cell_bias = bool(cell_bias)
-        self.gamma_init = _gamma(self.norm, gamma_init)
-        self.forget_bias = forget_bias
-        self.bias = bias
-        for layer in range(num_layers):
-            for name in self._layer_names(layer):
-                _add_lstm_terms(self, f"_{name}", self._layer_input_size(layer), bias, max_length, eps, momentum)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
-        self._reset(_init_lstm_terms_)
+        self._reset()
 
-    # The two halves of `pick_backend` on this layer's setting (the tests check each alone).
+    def _init_direction_(self, parameters: dict[str, Tensor]) -> None:
+        LSTMCell.init_terms_(parameters, self.hidden_size, recurrent_init=self.recurrent_init,
+                             orthogonal_init=self.orthogonal_init, forget_bias=self.forget_bias)
+
+    # The two halves of `backends.pick_backend` on this layer's setting (the tests check each alone).
     def _uses_triton(self, x: Tensor) -> bool:
-        return _triton_chosen(self.backend, x)
+        return backends.triton_chosen(self.backend, x)
 
     def _use_fused(self, x: Tensor) -> bool:
-        return _fused_chosen(self.backend, x)
+        return backends.fused_chosen(self.backend, x)
 
-    def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
-        """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
-        (h, c), weight_ih, weight_hh = state, getattr(self, f"weight_ih_{name}"), getattr(self, f"weight_hh_{name}")
-        norm_ih, norm_hh = getattr(self, f"norm_ih_{name}", None), getattr(self, f"norm_hh_{name}", None)
-        norm_c = getattr(self, f"norm_c_{name}", getattr(self, f"shift_c_{name}", None))
-        bias = _bias(self, f"_{name}")
-        backend = pick_backend(self.backend, x, weight_ih, h, c, weight_hh)
-        if backend == "reference":
-            # The loop computes the input term norm_ih(W_x x) + b before the time loop; the kernels in its pass.
-            output, h, c = recurrence.lstm(
-                x, h, c, weight_hh, norm_hh, norm_c, mask, start_step, weight_ih=weight_ih, norm_ih=norm_ih, bias=bias
-            )
-            return output, (h, c)
-        if backend == "triton":
-            from recurrent_bn.triton_lstm import lstm as kernels
-        else:
-            from recurrent_bn.fused import lstm as kernels
-        output, h, c = kernels(x, weight_ih, h, c, weight_hh, norm_ih, bias, norm_hh, norm_c, mask, start_step)
-        return output, (h, c)
+    def _run(self, terms: CellTerms, x: Tensor, state: tuple[Tensor, ...], mask: Tensor | None, start_step: int
+             ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return backends.run_lstm(self.backend, terms, x, state, mask, start_step)
 
     def extra_repr(self) -> str:
         return (
@@ -672,23 +455,30 @@ class RNN(_RecurrentStack):
     nonlinearity and puts one between the recurrences, as modern linear recurrences do: the network is then no
     longer an affine map of its input at test time.
 
+    `RNN(input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, device=None, dtype=None)` as torch.nn.RNN, the options keyword-only.
+
     The RNN has no fused or Triton kernels: every backend runs the reference loop.
     """
 
     state_count = 1
+    cell_class = RNNCell
 
     def __init__(
         self,
         input_size: int,
         hidden_size: int,
         num_layers: int = 1,
-        *,
-        norm: str = "none",
         nonlinearity: str = "tanh",
-        norm_placement: str = "sum",
         bias: bool = True,
         batch_first: bool = False,
         dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        norm: str = "none",
+        norm_placement: str = "sum",
         max_length: int = 1000,
         gamma_init: float | None = None,
         eps: float = 1e-5,
@@ -701,52 +491,39 @@ class RNN(_RecurrentStack):
         init_state_noise_mode: str = "training",
         layer_activation: str = "identity",
         backend: str = "auto",
-        bidirectional: bool = False,
     ) -> None:
-        super().__init__(
-            input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
-            init_state_noise_mode, backend, bidirectional=bidirectional,
-        )
-        _rnn_options(self, norm, norm_placement, norm_terms, share_statistics_over_time)
-        self.layer_activation = _choice("layer_activation", layer_activation, NONLINEARITIES)
+        options = rnn_options(norm, nonlinearity, norm_placement, norm_terms, share_statistics_over_time, gamma_init,
+                              recurrent_init)
+        choice("layer_activation", layer_activation, NONLINEARITIES)
         if layer_activation != "identity" and num_layers < 2:
             raise ValueError("layer_activation acts between layers: it needs num_layers >= 2")
-        self.nonlinearity = _choice("nonlinearity", nonlinearity, NONLINEARITIES)
-        self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
-        self.gamma_init = _gamma(self.norm, gamma_init)
-        self.bias = bias
-        for layer in range(num_layers):
-            for name in self._layer_names(layer):
-                _add_rnn_terms(self, f"_{name}", self._layer_input_size(layer), bias, max_length, eps, momentum)
+        super().__init__(
+            input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, 0,
+            {"device": device, "dtype": dtype}, options, max_length=max_length, eps=eps, momentum=momentum,
+            learn_initial_state=learn_initial_state, init_state_noise=init_state_noise,
+            init_state_noise_mode=init_state_noise_mode, backend=backend,
+        )
+        self.layer_activation = layer_activation
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-        self._reset(_init_rnn_terms_)
+        self._reset()
+
+    @property
+    def mode(self) -> str:
+        """torch.nn.RNN's name of the recurrence: "RNN_TANH", "RNN_RELU" (and "RNN_IDENTITY", which torch has not)."""
+        return f"RNN_{self.nonlinearity.upper()}"
+
+    def _init_direction_(self, parameters: dict[str, Tensor]) -> None:
+        RNNCell.init_terms_(parameters, self.hidden_size, recurrent_init=self.recurrent_init)
 
     def _between_layers(self, output: Tensor) -> Tensor:
         return recurrence.ACTIVATIONS[self.layer_activation](output)
 
-    def _layer(self, name: str, x: Tensor, state: list[Tensor], mask: Tensor | None, start_step: int):
-        """One direction of one layer, `name` its suffix (`l0`, `l0_reverse`), over the time-major x."""
-        input_term = F.linear(x, getattr(self, f"weight_ih_{name}"))
-        norm_ih = getattr(self, f"norm_ih_{name}", None)
-        if norm_ih is not None:
-            input_term = norm_ih(input_term, mask, start_step)
-        bias = _bias(self, f"_{name}")
-        if bias is not None:
-            input_term = input_term + bias
-        output, h = recurrence.rnn(
-            input_term,
-            state[0],
-            getattr(self, f"weight_hh_{name}"),
-            getattr(self, f"norm_hh_{name}", None),
-            getattr(self, f"norm_{name}", None),
-            self.nonlinearity,
-            mask,
-            start_step,
-        )
-        return output, (h,)
+    def _run(self, terms: CellTerms, x: Tensor, state: tuple[Tensor, ...], mask: Tensor | None, start_step: int
+             ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        return recurrence.rnn(terms, x, state, mask, start_step, nonlinearity=self.nonlinearity)
 
     def extra_repr(self) -> str:
         return (
@@ -755,6 +532,14 @@ class RNN(_RecurrentStack):
             f"norm_terms={self.norm_terms}, batch_first={self.batch_first}, dropout={self.dropout}, "
             f"bidirectional={self.bidirectional}"
         )
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    """Run every recurrent-bn layer inside `model` on `backend` ("auto", "reference", "fused", "triton"), checked as
+    the constructor checks it."""
+    for module in model.modules():
+        if isinstance(module, _RecurrentStack):
+            module.backend = backend
 
 
 @torch.no_grad()

@@ -10,14 +10,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from recurrent_bn.cells import orthogonal_
 from recurrent_bn.errors import ConfigError
-from recurrent_bn.layers import LSTM, RNN, orthogonal_
+from recurrent_bn.layers import LSTM, RNN
 
 # A model config is exactly its layer's constructor arguments plus these two: `name` (the file) and `cell` (which
 # constructor). input_size comes from the task, and the tasks feed (T, B, features), so batch_first stays False.
 META_KEYS = ("name", "cell")
 LAYER_CLASSES = {"lstm": LSTM, "rnn": RNN}
 FROM_TASK = ("input_size", "batch_first")
+# torch.nn's constructor arguments that no model config holds: the trainer places the model and picks its dtype, and
+# proj_size has one allowed value (0).
+NOT_CONFIGURED = ("proj_size", "device", "dtype")
 # Keys that conf/model/rnn.yaml inherited from lstm.yaml before the contract: no RNN ever received them, so a saved
 # config that has them (a run started before) is read without them.
 STALE_RNN_KEYS = ("forget_bias", "orthogonal_init", "cell_bias")
@@ -29,14 +33,14 @@ def init_head_(head: nn.Linear, how: str) -> None:
     """The read-out's initialisation: "orthogonal" with a zero bias (the authors' W_y, b_y), or "torch"
     (nn.Linear's default)."""
     if how == "orthogonal":
-        orthogonal_(head.weight)  # never hangs under OMP_THREAD_LIMIT (layers.orthogonal_)
+        orthogonal_(head.weight)  # never hangs under OMP_THREAD_LIMIT (cells.orthogonal_)
         nn.init.zeros_(head.bias)
 
 
 def layer_parameters(cell: str) -> set[str]:
     """The constructor arguments a model config of this cell holds."""
     signature = inspect.signature(LAYER_CLASSES[cell].__init__)
-    return {name for name in signature.parameters if name not in ("self", *FROM_TASK)}
+    return {name for name in signature.parameters if name not in ("self", *FROM_TASK, *NOT_CONFIGURED)}
 
 
 def drop_stale_keys(model: DictConfig) -> DictConfig:

@@ -10,8 +10,40 @@ set of statistics for all timesteps instead (the sequence-wise batch norm of Lau
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 import torch
 from torch import Tensor, nn
+
+
+class Kind(IntEnum):
+    """How one term is normalized in a loop over time: the one description every backend reads (`loop_term`).
+
+    - NONE: left as it is.
+    - LAYER: per example over its features (layer norm); no statistics kept.
+    - BATCH: each timestep's minibatch statistics (training).
+    - SHARED: minibatch statistics pooled over batch and time (an input term shared over time, in training).
+    - AFFINE: fixed per-timestep statistics, `(x - mean_t) * scale_t + beta` (batch norm in evaluation, and the
+      baseline's cell shift with mean 0 and scale 1).
+
+    The numbers are the C++ kernels' `rbn::Kind` (csrc/common.h; the extension exports them and a test compares).
+    A new normalization variant is a new kind here plus its math in each backend.
+    """
+
+    NONE = 0
+    LAYER = 1
+    BATCH = 2
+    SHARED = 3
+    AFFINE = 4
+
+    # Each kind also equals its lowercase name ("batch"): triton_lstm.py reads the names until it numbers its kinds
+    # as this enum does. Drop these two methods then.
+    def __eq__(self, other: object) -> bool:
+        return other == self.name.lower() if isinstance(other, str) else int(self) == other
+
+    def __hash__(self) -> int:
+        return hash(self.name.lower())
+
 
 SINGLE_EXAMPLE = ("batch norm in training needs more than one example per batch: with one, each example is normalized "
                   "by its own statistics and the output no longer depends on the input; use a batch of 2 or more, or "
@@ -317,26 +349,26 @@ class RecurrentLayerNorm(nn.Module):
 
 
 def loop_term(module: nn.Module | None, steps: int, start_step: int = 0, input_term: bool = False
-              ) -> tuple[str, float, list[Tensor | None]]:
-    """How one term's normalization enters a compiled loop over time (the C++ and the Triton kernels): its kind
-    ("none", "layer", "batch", "shared" or "affine"), eps, and [gamma, beta, scale, mean] with None where absent.
+              ) -> tuple[Kind, float, list[Tensor | None]]:
+    """How one term's normalization enters a loop over time (every backend reads it): its `Kind`, eps, and
+    [gamma, beta, scale, mean] with None where absent.
 
     In evaluation a batch norm is a per-timestep affine map `(x - mean_t) * scale_t + beta` with its population
     statistics (`RecurrentBatchNorm.scale`), and the cell's `x + beta` is that map with mean 0 and scale 1. In
     training the statistics are per timestep; only an input term (the projection, normalized before the loop's
-    recurrence) of `share_statistics_over_time` pools them over time ("shared"), as `RecurrentBatchNorm.forward`
+    recurrence) of `share_statistics_over_time` pools them over time (SHARED), as `RecurrentBatchNorm.forward`
     does; inside the loop only the population slots are shared."""
     if module is None:
-        return "none", 0.0, [None] * 4
+        return Kind.NONE, 0.0, [None] * 4
     if isinstance(module, RecurrentLayerNorm):
-        return "layer", module.eps, [module.weight, module.bias, None, None]
+        return Kind.LAYER, module.eps, [module.weight, module.bias, None, None]
     if isinstance(module, CellShift):
         mean = module.bias.new_zeros(steps, module.num_features)
-        return "affine", 0.0, [None, module.bias, torch.ones_like(mean), mean]
+        return Kind.AFFINE, 0.0, [None, module.bias, torch.ones_like(mean), mean]
     if not isinstance(module, RecurrentBatchNorm):
         raise TypeError(f"unsupported normalization module {type(module).__name__}")
     if not module.training:
         mean, var = module.population_statistics(start_step, steps)
-        return "affine", 0.0, [None, module.bias, module.scale(var).contiguous(), mean.contiguous()]
-    kind = "shared" if input_term and module.share_statistics_over_time else "batch"
+        return Kind.AFFINE, 0.0, [None, module.bias, module.scale(var).contiguous(), mean.contiguous()]
+    kind = Kind.SHARED if input_term and module.share_statistics_over_time else Kind.BATCH
     return kind, module.eps, [module.weight, module.bias, None, None]

@@ -4,25 +4,22 @@ The input term (`W_x x_t`, normalized, plus the bias) covers every timestep at o
 term `W_h h_{t-1}`, normalized with that timestep's statistics, and updates the state. This module holds the
 plain-PyTorch reference loops, which run on any device and are differentiated by autograd, and whether the fused
 CPU kernels of the LSTM (`fused.py`, the same function with a hand-written backward) may be used in this process
-(`use_fused`, one step of `layers.pick_backend`, which chooses the loop).
+(`use_fused`, one step of `backends.pick_backend`, which chooses the loop).
 """
 
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import (
-    CellShift,
-    RecurrentBatchNorm,
-    RecurrentLayerNorm,
-    batch_statistics,
-    normalize,
-    population_map,
-)
+from recurrent_bn.norm import Kind, batch_statistics, loop_term, normalize, population_map
+
+if TYPE_CHECKING:
+    from recurrent_bn.cells import CellTerms
 
 ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda x: x}
 
@@ -37,7 +34,7 @@ def fused_available() -> bool:
 
 
 def use_fused(backend: str) -> bool:
-    """Whether a layer with this `backend` setting may use the fused kernels (a step of `layers.pick_backend`).
+    """Whether a layer with this `backend` setting may use the fused kernels (a step of `backends.pick_backend`).
 
     "reference" never does; "fused" does, and raises if they are unavailable; "auto" does when they are available,
     and otherwise warns once per process and runs the reference loops.
@@ -62,116 +59,42 @@ def use_fused(backend: str) -> bool:
     return False
 
 
-class StepNorm:
-    """How one term is normalized at every step of one pass over a sequence.
+def input_term(terms: CellTerms, x: Tensor, mask: Tensor | None, start_step: int) -> Tensor:
+    """`N_x(W_x x_t) + b` of every timestep (T, B, F): it does not depend on the recurrence, so it is one matrix
+    product and one vectorized normalization before the loop."""
+    projected = F.linear(x, terms.weight_ih)
+    if terms.norm_ih is not None:
+        projected = terms.norm_ih(projected, mask, start_step)
+    return projected if terms.bias is None else projected + terms.bias
 
-    - no module: the term is left as it is;
-    - layer norm (or the baseline's shift): per example, no statistics;
-    - batch norm in training: the minibatch statistics of each timestep, remembered so that the population
-      statistics can be updated once after the loop;
-    - batch norm in evaluation: the population statistics, which make the normalization an affine map per
-      timestep, `(x - mean_t) * scale_t + beta` with the scales computed once for the whole sequence.
+
+def lstm(terms: CellTerms, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor | None, start_step: int = 0
+         ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """One LSTM direction's reference loop over time (paper eqs. 6-8 with the normalizations of `terms`), the
+    definition the compiled loops match (`backends.py` has the signature and chooses).
+
+    x (T, B, I) the layer input; state (h, c) of (B, H); mask (T, B) valid positions or None (padded steps keep
+    the state and output zeros); start_step the timestep index of x[0], which picks the batch-norm statistics.
+    Returns the output (T, B, H) and the final (h, c).
     """
-
-    def __init__(self, module: nn.Module | None, steps: int, mask: Tensor | None, start_step: int) -> None:
-        self.module = module
-        self.mask = mask
-        self.start_step = start_step
-        self.steps = steps
-        self.means: list[Tensor] = []
-        self.variances: list[Tensor] = []
-        if module is None:
-            self.kind = "none"
-        elif isinstance(module, RecurrentLayerNorm | CellShift):
-            self.kind = "layer"
-        elif isinstance(module, RecurrentBatchNorm) and module.training:
-            self.kind = "batch"
-        elif isinstance(module, RecurrentBatchNorm):
-            self.kind = "affine"
-            # unbind, not indexing in the loop: the backward of x[t] allocates a zero tensor of x's full size per
-            # step (quadratic in T); unbind's backward stacks the per-step gradients once.
-            mean, var = module.population_statistics(start_step, steps)
-            self.mean, self.scale = mean.unbind(0), module.scale(var).unbind(0)
-        else:
-            raise TypeError(f"unsupported normalization module {type(module).__name__}")
-
-    def __call__(self, x: Tensor, step: int) -> Tensor:
-        if self.kind == "none":
-            return x
-        if self.kind == "layer":
-            return self.module(x)
-        if self.kind == "affine":
-            return population_map(x, self.mean[step], self.scale[step], self.module.bias)
-        mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
-        self.means.append(mean.detach())
-        self.variances.append(var.detach())
-        return self.module.normalize(x, mean, var)
-
-    def finish(self, batch: int) -> None:
-        """Fold the remembered minibatch statistics into the population statistics."""
-        if self.kind != "batch":
-            return
-        self.module.record_pass(torch.stack(self.means), torch.stack(self.variances), mask=self.mask, steps=self.steps,
-                                batch=batch, start_step=self.start_step)
-
-
-def lstm(
-    input_term: Tensor,
-    h: Tensor,
-    c: Tensor,
-    weight_hh: Tensor,
-    norm_hh: nn.Module | None,
-    norm_c: nn.Module | None,
-    mask: Tensor | None,
-    start_step: int = 0,
-    *,
-    weight_ih: Tensor | None = None,
-    norm_ih: nn.Module | None = None,
-    bias: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One LSTM layer's loop over time (paper eqs. 6-8 with the normalizations given, plain ones when None).
-
-    The input term `norm_ih(W_x x_t) + b` does not depend on the recurrence: it is computed for every timestep
-    before the loop, in one matrix product and one vectorized normalization. `fused.lstm` and `triton_lstm.lstm`
-    compute the same function on their kernels (`layers.pick_backend` chooses).
-
-    Args:
-        input_term: the layer input x (T, B, I) when `weight_ih` is given (the layers pass it so), otherwise the
-            projection `W_x x` (T, B, 4H), or the whole input term when `norm_ih` and `bias` are None too.
-        h, c: (B, H) initial states.
-        weight_hh: (4H, H), gate order i, f, g, o.
-        norm_hh: normalization of `W_h h_{t-1}` (4H features) or None.
-        norm_c: normalization of `c_t` before the output tanh (H features) or None; c_t itself is carried.
-        mask: (T, B) valid positions or None. Padded steps keep the state and output zeros.
-        start_step: timestep index of input_term[0], which picks the batch-norm statistics.
-        weight_ih: W_x (4H, I) or None.
-        norm_ih: normalization of the projection (4H features) or None.
-        bias: (4H) added to the normalized projection, or None.
-
-    Returns the output (T, B, H) and the final h and c.
-    """
-    if weight_ih is not None:
-        input_term = F.linear(input_term, weight_ih)
-    if norm_ih is not None:
-        input_term = norm_ih(input_term, mask, start_step)
-    if bias is not None:
-        input_term = input_term + bias
-    steps, batch = input_term.shape[:2]
-    recurrent = StepNorm(norm_hh, steps, mask, start_step)
-    cell = StepNorm(norm_c, steps, mask, start_step)
-    output, h, c = lstm_loop(input_term, h, c, weight_hh, recurrent, cell, mask)
+    h, c = state
+    inputs = input_term(terms, x, mask, start_step)
+    steps, batch = inputs.shape[:2]
+    recurrent = DescribedNorm.recording(terms.norm_hh, steps, mask, start_step)
+    cell = DescribedNorm.recording(terms.norm_out, steps, mask, start_step)
+    output, h, c = lstm_loop(inputs, h, c, terms.weight_hh, recurrent, cell, mask)
     recurrent.finish(batch)
     cell.finish(batch)
-    return output, h, c
+    return output, (h, c)
 
 
 def lstm_loop(
     input_term: Tensor, h: Tensor, c: Tensor, weight_hh: Tensor, recurrent, cell, mask: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The LSTM's loop over time from its whole input term (T, B, 4H); `recurrent` and `cell` normalize their terms
-    at each step (`StepNorm`, or `DescribedNorm` when the compiled loops' backward recomputes through it)."""
+    at each step (`DescribedNorm`)."""
     weight_hh_t = weight_hh.t()
-    inputs = input_term.unbind(0)  # see StepNorm: indexing in the loop would make the backward quadratic in T
+    inputs = input_term.unbind(0)  # see DescribedNorm: indexing in the loop would make the backward quadratic in T
     outputs = []
     for step in range(input_term.shape[0]):
         h_next, c_next = lstm_step(inputs[step], h, c, weight_hh_t, recurrent, cell, step)
@@ -201,47 +124,78 @@ def gradients_with_graph(forward, inputs, needs, grad_outputs) -> list[Tensor | 
 
 
 class DescribedNorm:
-    """One term normalized from its `norm.loop_term` description (kind, eps, [gamma, beta, scale, mean]) instead of
-    its module, with plain PyTorch operations: what the compiled loops (C++, Triton) compute, for autograd.
+    """One term normalized at each step of one pass over a sequence, from its `norm.loop_term` description
+    (`Kind`, eps, [gamma, beta, scale, mean]): the one reading of a term that every loop over time shares.
 
-    Their hand-written backward is a first derivative only; when a graph of the gradient is asked for
-    (`create_graph=True`, as a gradient penalty does) they recompute the forward through this and let autograd
-    differentiate it, so that second derivatives are right. No population statistics are updated here.
+    - NONE: the term as it is; LAYER: per example (layer norm);
+    - BATCH: each timestep's minibatch statistics, remembered when `module` is given (the reference loop) so that
+      `finish` folds them into its population statistics once after the loop;
+    - AFFINE: fixed per-timestep statistics, `(x - mean_t) * scale_t + beta` (batch norm in evaluation, the
+      baseline's cell shift);
+    - SHARED: statistics pooled over batch and time, for the input term only (`sequence`).
+
+    The compiled loops (C++, Triton) compute the same from the same description; their hand-written backward is a
+    first derivative only, so when a graph of the gradient is asked for (`create_graph=True`, as a gradient penalty
+    does) they recompute the forward through this class, without `module`, and let autograd differentiate it.
     """
 
-    def __init__(self, kind: str, eps: float, tensors, mask: Tensor | None) -> None:
+    def __init__(self, kind: Kind, eps: float, tensors, mask: Tensor | None, module: nn.Module | None = None,
+                 start_step: int = 0) -> None:
         self.kind, self.eps, self.mask = kind, float(eps), mask
         self.gamma, self.beta, self.scale, self.mean = tensors
+        self.module, self.start_step = module, start_step
+        self.means: list[Tensor] = []
+        self.variances: list[Tensor] = []
+        if kind == Kind.AFFINE:
+            # unbind, not indexing in the loop: the backward of x[t] allocates a zero tensor of x's full size per
+            # step (quadratic in T); unbind's backward stacks the per-step gradients once.
+            self.step_mean, self.step_scale = self.mean.unbind(0), self.scale.unbind(0)
+
+    @classmethod
+    def recording(cls, module: nn.Module | None, steps: int, mask: Tensor | None, start_step: int) -> DescribedNorm:
+        """The term normalized by `module` in the reference loop, its batch statistics recorded for `finish`."""
+        kind, eps, tensors = loop_term(module, steps, start_step)
+        return cls(kind, eps, tensors, mask, module, start_step)
 
     def __call__(self, x: Tensor, step: int) -> Tensor:
         """The term x (B, F) of timestep `step`."""
-        if self.kind == "none":
+        if self.kind == Kind.NONE:
             return x
-        if self.kind == "layer":
+        if self.kind == Kind.LAYER:
             return F.layer_norm(x, (x.shape[-1],), self.gamma, self.beta, self.eps)
-        if self.kind == "affine":
-            return population_map(x, self.mean[step], self.scale[step], self.beta)
-        if self.kind == "batch":
+        if self.kind == Kind.AFFINE:
+            return population_map(x, self.step_mean[step], self.step_scale[step], self.beta)
+        if self.kind == Kind.BATCH:
             mean, var = batch_statistics(x, None if self.mask is None else self.mask[step])
+            if self.module is not None:
+                self.means.append(mean.detach())
+                self.variances.append(var.detach())
             return normalize(x, mean, var, self.gamma, self.beta, self.eps)
-        raise ValueError(f"a '{self.kind}' term pools statistics over time: normalize it with `sequence`")
+        raise ValueError(f"a {Kind(self.kind).name} term pools statistics over time: normalize it with `sequence`")
 
     def sequence(self, x: Tensor) -> Tensor:
-        """The term x (T, B, F) of every timestep at once (the input term, whose "shared" statistics pool time)."""
-        if self.kind == "shared":
+        """The term x (T, B, F) of every timestep at once (the input term, whose SHARED statistics pool time)."""
+        if self.kind == Kind.SHARED:
             flat_mask = None if self.mask is None else self.mask.reshape(1, -1)
             mean, var = batch_statistics(x.reshape(1, -1, x.shape[-1]), flat_mask)
             return normalize(x, mean, var, self.gamma, self.beta, self.eps)
-        if self.kind == "batch":
+        if self.kind == Kind.BATCH:
             mean, var = batch_statistics(x, self.mask)
             return normalize(x, mean.unsqueeze(1), var.unsqueeze(1), self.gamma, self.beta, self.eps)
-        if self.kind == "affine":
+        if self.kind == Kind.AFFINE:
             return population_map(x, self.mean.unsqueeze(1), self.scale.unsqueeze(1), self.beta)
         return self(x, 0)
 
+    def finish(self, batch: int) -> None:
+        """Fold the recorded minibatch statistics into the module's population statistics (one update per pass)."""
+        if self.means:
+            self.module.record_pass(torch.stack(self.means), torch.stack(self.variances), mask=self.mask,
+                                    steps=len(self.means), batch=batch, start_step=self.start_step)
+
 
 def lstm_step(
-    input_term: Tensor, h: Tensor, c: Tensor, weight_hh_t: Tensor, recurrent: StepNorm, cell: StepNorm, step: int
+    input_term: Tensor, h: Tensor, c: Tensor, weight_hh_t: Tensor, recurrent: DescribedNorm, cell: DescribedNorm,
+    step: int,
 ) -> tuple[Tensor, Tensor]:
     """One LSTM timestep (eqs. 6-8) from its input term (B, 4H): the new h and the un-normalized c.
 
@@ -256,36 +210,30 @@ def lstm_step(
 
 
 def rnn_step(
-    input_term: Tensor, h: Tensor, weight_hh_t: Tensor, recurrent: StepNorm, total: StepNorm, activation, step: int
+    input_term: Tensor, h: Tensor, weight_hh_t: Tensor, recurrent: DescribedNorm, total: DescribedNorm, activation,
+    step: int,
 ) -> Tensor:
     """One RNN timestep, `act(N_sum(input_term + N_hh(W_h h)))`: shared by the layer's loop (`rnn`) and `RNNCell`."""
     return activation(total(input_term + recurrent(torch.mm(h, weight_hh_t), step), step))
 
 
-def rnn(
-    input_term: Tensor,
-    h: Tensor,
-    weight_hh: Tensor,
-    norm_hh: nn.Module | None,
-    norm_sum: nn.Module | None,
-    nonlinearity: str,
-    mask: Tensor | None,
-    start_step: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """One RNN layer's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`.
+def rnn(terms: CellTerms, x: Tensor, state: tuple[Tensor], mask: Tensor | None, start_step: int = 0, *,
+        nonlinearity: str = "tanh") -> tuple[Tensor, tuple[Tensor]]:
+    """One RNN direction's loop: `h_t = act(N_sum(input_term_t + N_hh(W_h h_{t-1})))`, with the arguments of
+    `lstm` and state (h,).
 
-    `norm_hh` normalizes the recurrent term alone ("separate" placement), `norm_sum` the whole pre-activation
-    ("sum" placement); either may be None. Other arguments as for `lstm`.
-
-    The RNN has no fused kernels (the performance targets are the LSTM variants): it always runs this loop,
-    whatever its layer's backend setting.
+    `terms.norm_hh` normalizes the recurrent term alone ("separate" placement), `terms.norm_out` the whole
+    pre-activation ("sum" placement); either may be None. The RNN has no compiled loops (the performance targets
+    are the LSTM variants): it always runs this one, whatever its layer's backend setting.
     """
-    steps, batch = input_term.shape[:2]
-    recurrent = StepNorm(norm_hh, steps, mask, start_step)
-    total = StepNorm(norm_sum, steps, mask, start_step)
+    (h,) = state
+    inputs = input_term(terms, x, mask, start_step)
+    steps, batch = inputs.shape[:2]
+    recurrent = DescribedNorm.recording(terms.norm_hh, steps, mask, start_step)
+    total = DescribedNorm.recording(terms.norm_out, steps, mask, start_step)
     activation = ACTIVATIONS[nonlinearity]
-    weight_hh_t = weight_hh.t()
-    inputs = input_term.unbind(0)
+    weight_hh_t = terms.weight_hh.t()
+    inputs = inputs.unbind(0)
     outputs = []
     for step in range(steps):
         h_next = rnn_step(inputs[step], h, weight_hh_t, recurrent, total, activation, step)
@@ -298,5 +246,4 @@ def rnn(
             outputs.append(h_next * active)
     recurrent.finish(batch)
     total.finish(batch)
-    return torch.stack(outputs), h
-
+    return torch.stack(outputs), (h,)

@@ -1,6 +1,7 @@
 // The Python module of the fused kernels: the interface of lstm.h, every tensor by name.
 #include <torch/extension.h>
 
+#include "common.h"
 #include "lstm.h"
 
 namespace py = pybind11;
@@ -59,6 +60,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("weight_ih"), py::arg("weight_hh"), py::arg("bias"), py::arg("input"), py::arg("recurrent"),
         py::arg("cell"), py::arg("mask"), py::arg("saved"), py::arg("threads"), py::arg("need_dx"),
         py::call_guard<py::gil_scoped_release>());
+  // The normalization kinds by name, so that Python can check that recurrent_bn.norm.Kind numbers them alike.
+  m.attr("KINDS") = py::dict(py::arg("NONE") = int64_t{kNone}, py::arg("LAYER") = int64_t{kLayer},
+                             py::arg("BATCH") = int64_t{kBatch}, py::arg("SHARED") = int64_t{kShared},
+                             py::arg("AFFINE") = int64_t{kAffine});
   m.def("kernel_variant", &kernel_variant);
   m.def("set_onednn", &set_onednn);
   m.def("set_packed_gemm", &set_packed_gemm);

@@ -12,7 +12,8 @@ namespace rbn {
 
 using at::Tensor;
 
-// How a term is normalized (matches recurrent_bn.fused: NONE, LAYER, BATCH, SHARED, AFFINE).
+// How a term is normalized: recurrent_bn.norm.Kind, with the same numbers (bindings.cpp exports them as KINDS
+// and the tests compare).
 enum Kind : int64_t { kNone = 0, kLayer = 1, kBatch = 2, kShared = 3, kAffine = 4 };
 
 #define RBN_INLINE inline __attribute__((always_inline))
