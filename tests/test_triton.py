@@ -361,3 +361,11 @@ def test_rnn_with_backend_triton_is_torch_rnn_without_norm_and_the_bn_rnn_equati
             expected.append(h)
         torch.testing.assert_close(output, torch.stack(expected), rtol=0, atol=1e-12)
         torch.testing.assert_close(h_n[0], h, rtol=0, atol=1e-12)
+
+
+@needs_triton
+def test_the_kernels_number_the_kinds_as_norm_kind():
+    # the kernels compare plain integers: they must be norm.Kind's, as the C++ enum's are (test_fused)
+    from recurrent_bn.norm import Kind
+
+    assert {kind.name: triton_lstm.kernels.__dict__[kind.name].value for kind in Kind} == {k.name: int(k) for k in Kind}

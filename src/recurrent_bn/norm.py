@@ -36,14 +36,6 @@ class Kind(IntEnum):
     SHARED = 3
     AFFINE = 4
 
-    # Each kind also equals its lowercase name ("batch"): triton_lstm.py reads the names until it numbers its kinds
-    # as this enum does. Drop these two methods then.
-    def __eq__(self, other: object) -> bool:
-        return other == self.name.lower() if isinstance(other, str) else int(self) == other
-
-    def __hash__(self) -> int:
-        return hash(self.name.lower())
-
 
 SINGLE_EXAMPLE = ("batch norm in training needs more than one example per batch: with one, each example is normalized "
                   "by its own statistics and the output no longer depends on the input; use a batch of 2 or more, or "

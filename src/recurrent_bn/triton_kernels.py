@@ -71,7 +71,7 @@ def _tanh(x):
 
 
 # The kinds (module docstring); constexpr globals, so that every `KIND == BATCH` is decided at compile time.
-NONE = tl.constexpr(0)
+NONE = tl.constexpr(0)  # norm.Kind's numbers (tests/test_triton.py compares)
 LAYER = tl.constexpr(1)
 BATCH = tl.constexpr(2)
 SHARED = tl.constexpr(3)

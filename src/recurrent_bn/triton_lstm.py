@@ -37,20 +37,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recurrent_bn.norm import loop_term
+from recurrent_bn.norm import Kind, loop_term
 from recurrent_bn.recurrence import DescribedNorm, gradients_with_graph, lstm_loop
 
-# How a term is normalized: the C++ enum's numbers (csrc/common.h), which the kernels use too (triton_kernels.py).
-NONE, LAYER, BATCH, SHARED, AFFINE = 0, 1, 2, 3, 4
-KINDS = {"none": NONE, "layer": LAYER, "batch": BATCH, "shared": SHARED, "affine": AFFINE}
-KIND_NAMES = {code: name for name, code in KINDS.items()}
-
-
-def kind_code(kind: str | int) -> int:
-    """The kernels' code of the kind `norm.loop_term` returns: its name today; after #24 `norm.Kind`, an IntEnum with
-    the same numbers, whose value is the code (then this is `int(kind)`). SHARED never reaches the kernels: only an
-    input term, normalized before the loop, pools its statistics over time."""
-    return KINDS[kind] if isinstance(kind, str) else int(kind)
+# How a term is normalized: `norm.Kind`, whose numbers the kernels compare against too (triton_kernels.py).
+# SHARED never reaches the kernels: only an input term, normalized before the loop, pools its statistics over time.
+NONE, LAYER, BATCH, SHARED, AFFINE = Kind.NONE, Kind.LAYER, Kind.BATCH, Kind.SHARED, Kind.AFFINE
 INTERPRET_ENV = "TRITON_INTERPRET"
 # Read once: the interpreter replaces @triton.jit at the moment the kernels are defined.
 INTERPRETED = os.environ.get(INTERPRET_ENV, "0") not in ("", "0")
@@ -174,12 +166,6 @@ def launch_config(batch: int, hidden: int, rows: bool) -> dict:
     block_b = _next_power_of_2(batch)
     block_h = max(1, min(_next_power_of_2(hidden), 1024 // block_b))
     return {"blocks": {"BLOCK_B": block_b, "BLOCK_H": block_h}, "grid": (-(-hidden // block_h),), "num_warps": 4}
-
-
-def _term(module: nn.Module | None, steps: int, start_step: int) -> tuple[int, float, list[Tensor | None]]:
-    """(kind code, eps, [gamma, beta, scale, mean]) of one term in the loop (`norm.loop_term`)."""
-    kind, eps, tensors = loop_term(module, steps, start_step)
-    return kind_code(kind), eps, tensors
 
 
 # The loops' inputs by name: what a captured graph reads from its static buffers (module docstring of `_StaticLoop`).
@@ -439,7 +425,7 @@ def _reference(config: dict, x: Tensor, h0: Tensor, c0: Tensor, weight_hh: Tenso
                ) -> tuple[Tensor, Tensor, Tensor]:
     """What the kernels compute from `TritonLSTMFunction`'s inputs, in plain PyTorch (for second derivatives)."""
     active = mask > 0
-    recurrent, cell = (DescribedNorm(KIND_NAMES[kind], eps, terms[4 * k : 4 * k + 4], active)
+    recurrent, cell = (DescribedNorm(Kind(kind), eps, terms[4 * k : 4 * k + 4], active)
                        for k, (kind, eps) in enumerate(zip(config["kinds"], config["eps"], strict=True)))
     return lstm_loop(x, h0, c0, weight_hh, recurrent, cell, active)
 
@@ -481,7 +467,7 @@ def lstm(
     if bias is not None:
         input_term = input_term + bias
     steps, batch = x.shape[:2]
-    terms = [_term(norm_hh, steps, start_step), _term(norm_c, steps, start_step)]
+    terms = [loop_term(norm_hh, steps, start_step), loop_term(norm_c, steps, start_step)]
     tensors = [t for _, _, group in terms for t in group]
     inputs = [input_term, h, c, weight_hh]
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -489,7 +475,7 @@ def lstm(
         inputs, tensors = _float32(inputs), _float32(tensors)
     dtype = inputs[0].dtype
     weights = torch.ones(steps, batch, dtype=dtype, device=x.device) if mask is None else mask.to(dtype)
-    config = {"kinds": (terms[0][0], terms[1][0]), "eps": (float(terms[0][1]), float(terms[1][1]))}
+    config = {"kinds": (int(terms[0][0]), int(terms[1][0])), "eps": (float(terms[0][1]), float(terms[1][1]))}
     with torch.autocast(x.device.type, enabled=False) if autocast else contextlib.nullcontext():
         output, h_n, c_n, *statistics = TritonLSTMFunction.apply(config, *inputs, weights.contiguous(), *tensors)
     # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
