@@ -31,11 +31,10 @@ INPUT, HIDDEN, LAYERS, STEPS, BATCH = 2, 3, 2, 4, 3  # common_modules' LSTM samp
 ALL = ("torch", "none", "bn", "ln")
 
 
-def impls(*names: str, needs: str | None = None, pending: bool = False) -> list:
-    """Parameters for the implementations `names`; with `needs`, ours are expected to fail until core24 is merged."""
-    reason = "fixed in the next commit (#25)" if pending else f"needs {needs} (core24)"
-    mark = pytest.mark.xfail(strict=True, reason=reason)
-    return [pytest.param(n, marks=mark) if (needs or pending) and n != "torch" else n for n in names]
+def impls(*names: str, needs: str) -> list:
+    """Parameters for the implementations `names`, ours expected to fail until core24's `needs` is merged."""
+    mark = pytest.mark.xfail(strict=True, reason=f"needs {needs} (core24)")
+    return [pytest.param(n, marks=mark) if n != "torch" else n for n in names]
 
 
 def make_lstm(impl: str, num_layers: int = LAYERS, **kwargs) -> nn.Module:
@@ -210,7 +209,7 @@ def test_wrong_input_or_state_raises_what_nn_lstm_raises(impl, mistake):
 
 
 @pytest.mark.parametrize("hx", ["a tensor", "three tensors"])
-@pytest.mark.parametrize("impl", impls(*ALL, pending=True))
+@pytest.mark.parametrize("impl", ALL)
 def test_a_state_that_is_not_the_pair_h_c_raises_a_runtime_error(impl, hx):
     x, (h, c) = inputs(STEPS, BATCH, INPUT), states()
     with pytest.raises(RuntimeError):
@@ -250,7 +249,7 @@ def test_a_dropout_outside_zero_to_one_is_refused(impl, dropout):
 @pytest.mark.parametrize("given_state", [False, True])
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("batch_first", [False, True])
-@pytest.mark.parametrize("impl", impls(*ALL, pending=True))
+@pytest.mark.parametrize("impl", ALL)
 def test_unbatched_input_computes_a_batch_of_one(impl, batch_first, bidirectional, given_state):
     # common_modules' no-batch-dim reference: (T, input_size) whatever batch_first says, states (D * L, H).
     # Evaluation: batch norm in training refuses a batch of one (its statistics would be over one example).
@@ -268,7 +267,7 @@ def test_unbatched_input_computes_a_batch_of_one(impl, batch_first, bidirectiona
 
 
 @pytest.mark.parametrize("given_state", [False, True])
-@pytest.mark.parametrize("impl", impls(*ALL, pending=True))
+@pytest.mark.parametrize("impl", ALL)
 def test_unbatched_cell_input_computes_a_batch_of_one(impl, given_state):
     cell = make_cell(impl).eval()
     x = inputs(INPUT)
@@ -321,7 +320,7 @@ def test_none_on_a_packed_batch_computes_nn_lstms_result(enforce_sorted, bidirec
 # ------------------------------------------------------------------------------------------ dropout
 
 
-@pytest.mark.parametrize("impl", impls(*ALL, pending=True))
+@pytest.mark.parametrize("impl", ALL)
 def test_dropout_one_drops_every_input_to_the_upper_layer_in_training(impl):
     # test_nn's dropout check with p = 1: the last layer then reads zeros, so the output no longer depends on x.
     torch.manual_seed(0)
@@ -526,3 +525,21 @@ def test_flatten_parameters_changes_nothing_computed(impl):
     expected = model(x)
     assert model.flatten_parameters() is None
     torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("impl", ALL)
+def test_unbatched_rnn_and_rnn_cell_input_compute_a_batch_of_one(impl):
+    # nn.RNN and nn.RNNCell take the same unbatched forms as the LSTM: (T, input_size) with h (L, H); (input_size,).
+    if impl == "torch":
+        rnn, cell = nn.RNN(INPUT, HIDDEN, LAYERS), nn.RNNCell(INPUT, HIDDEN)
+    else:
+        extra = {"max_length": STEPS} if impl == "bn" else {}
+        rnn, cell = rb.RNN(INPUT, HIDDEN, LAYERS, norm=impl, **extra), rb.RNNCell(INPUT, HIDDEN, norm=impl, **extra)
+    rnn.eval(), cell.eval()
+    x, h0 = inputs(STEPS, INPUT), states(batch=None)[0]
+    output, h_n = rnn(x, h0)
+    expected, h = rnn(x[:, None], h0[:, None])
+    torch.testing.assert_close((output, h_n), (expected[:, 0], h[:, 0]))
+    step = cell(x[0], h0[0]) if impl == "torch" else cell(x[0], h0[0], step=0)
+    batched = cell(x[:1], h0[:1]) if impl == "torch" else cell(x[:1], h0[:1], step=0)
+    torch.testing.assert_close(step, batched[0])

@@ -149,6 +149,20 @@ class _RecurrentCell(nn.Module):
         module.update_population(pooled.mean[None], pooled_var[None], total[None], step)
 
 
+def _unbatched_step(cell: _RecurrentCell, input: Tensor, hx, step: int | None, mask: Tensor | None):
+    """torch.nn.LSTMCell's unbatched form: input (input_size,) and states (H,), run as a batch of one and returned
+    in the same form. Batch norm in training refuses it, as it refuses any batch of one."""
+    states = None if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
+    if states is not None and any(not isinstance(s, Tensor) or s.dim() != 1 for s in states):
+        raise InputError(f"for unbatched 1-D input (input_size,) the states are 1-D (hidden_size,), got "
+                         f"{[tuple(getattr(s, 'shape', ())) for s in states]}")
+    if states is not None:
+        hx = states[0][None] if isinstance(hx, Tensor) else tuple(s[None] for s in states)
+    mask = None if mask is None else torch.as_tensor(mask).reshape(1)
+    output = cell(input[None], hx, step=step, mask=mask)
+    return output[0] if isinstance(output, Tensor) else tuple(s[0] for s in output)
+
+
 class LSTMCell(_RecurrentCell):
     """One timestep of `LSTM` (gate order i, f, g, o): `h, c = cell(x_t, (h, c), step=t)`.
 
@@ -202,6 +216,8 @@ class LSTMCell(_RecurrentCell):
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, step: int | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        if input.dim() == 1:
+            return _unbatched_step(self, input, hx, step, mask)
         if hx is not None and not (isinstance(hx, tuple | list) and len(hx) == 2):
             raise InputError("hx of an LSTMCell is a tuple (h, c) of (B, hidden_size) tensors, or None for zeros")
         (h, c), step, mask = self._check(input, [None, None] if hx is None else list(hx), step, mask)
@@ -268,6 +284,8 @@ class RNNCell(_RecurrentCell):
     def forward(
         self, input: Tensor, hx: Tensor | None = None, *, step: int | None = None, mask: Tensor | None = None
     ) -> Tensor:
+        if input.dim() == 1:
+            return _unbatched_step(self, input, hx, step, mask)
         (h,), step, mask = self._check(input, [hx], step, mask)
         norms = self._step_norms(step, mask)
         input_term = norms["norm_ih"](F.linear(input, self.weight_ih), 0)

@@ -334,8 +334,8 @@ class _RecurrentStack(nn.Module):
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= dropout <= 1.0:  # 1.0 as torch.nn.LSTM allows: the upper layers then read zeros in training
+            raise ValueError(f"dropout must be in [0, 1], got {dropout}")
         if init_state_noise < 0:
             raise ValueError(f"init_state_noise must be >= 0, got {init_state_noise}")
         self.input_size = input_size
@@ -456,6 +456,9 @@ class _RecurrentStack(nn.Module):
         Returns `(output, h_n)` for the RNN, `(output, (h_n, c_n))` for the LSTM, with torch.nn's shapes: the
         output has num_directions * H features, the states are ordered layer by layer, forward then reverse.
         """
+        _check_state_form(self, hx)
+        if not isinstance(input, PackedSequence) and input.dim() == 2:
+            return _run_unbatched(self, input, hx, lengths, start_step)
         packed = input if isinstance(input, PackedSequence) else None
         if packed is not None:
             if lengths is not None:
@@ -493,6 +496,36 @@ class _RecurrentStack(nn.Module):
         if self.batch_first:
             output = output.transpose(0, 1)
         return output, state
+
+
+def _check_state_form(stack: _RecurrentStack, hx) -> None:
+    """One InputError line (a RuntimeError, as torch.nn.LSTM raises) for an hx that is not the LSTM's pair (h, c)
+    or the RNN's one tensor: unpacking it further down would raise a bare ValueError that code catching
+    RuntimeError misses."""
+    if hx is None:
+        return
+    count = len(hx) if isinstance(hx, tuple | list) else 1
+    if stack.state_count == 2 and (count != 2 or isinstance(hx, Tensor)):
+        raise InputError("hx of an LSTM is a tuple (h_0, c_0) of (num_layers * num_directions, B, hidden_size) "
+                         "tensors, or None for zeros")
+    if stack.state_count == 1 and not isinstance(hx, Tensor):
+        raise InputError("hx of an RNN is one (num_layers * num_directions, B, hidden_size) tensor, or None for zeros")
+
+
+def _run_unbatched(stack: _RecurrentStack, input: Tensor, hx, lengths, start_step: int):
+    """torch.nn.LSTM's unbatched form: input (T, input_size) whatever batch_first says, states
+    (num_layers * num_directions, H), run as a batch of one and returned in the same form."""
+    states = None if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
+    if states is not None and any(s.dim() != 2 for s in states):
+        raise InputError(f"for unbatched 2-D input (T, input_size) the states are 2-D (num_layers * num_directions, "
+                         f"hidden_size), got {[tuple(s.shape) for s in states]}")
+    if states is not None:
+        hx = states[0].unsqueeze(1) if stack.state_count == 1 else tuple(s.unsqueeze(1) for s in states)
+    lengths = None if lengths is None else torch.as_tensor(lengths).reshape(1)
+    batch_dim = 0 if stack.batch_first else 1
+    output, state = stack(input.unsqueeze(batch_dim), hx, lengths, start_step=start_step)
+    state = state.squeeze(1) if stack.state_count == 1 else tuple(s.squeeze(1) for s in state)
+    return output.squeeze(batch_dim), state
 
 
 def _reverse_index(lengths: Tensor | None, steps: int) -> Tensor | None:
