@@ -447,7 +447,7 @@ def test_functional_call_runs_with_the_parameters_given(impl):
 
 @pytest.mark.parametrize("impl", ALL)
 def test_weight_norm_on_a_recurrent_weight_keeps_the_output_and_trains_its_parts(impl):
-    model = make_lstm(impl).eval()
+    model = randomize_(make_lstm(impl)).eval()  # weights of the size that makes the recurrent term matter
     x = inputs(STEPS, BATCH, INPUT)
     expected = model(x)[0].detach()
     weight_norm(model, "weight_hh_l0")
@@ -543,3 +543,23 @@ def test_unbatched_rnn_and_rnn_cell_input_compute_a_batch_of_one(impl):
     step = cell(x[0], h0[0]) if impl == "torch" else cell(x[0], h0[0], step=0)
     batched = cell(x[:1], h0[:1]) if impl == "torch" else cell(x[:1], h0[:1], step=0)
     torch.testing.assert_close(step, batched[0])
+
+
+# ------------------------------------------------------------------------------------------ initialization
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_by_default_none_starts_from_nn_lstms_weights_under_the_same_seed(bidirectional):
+    # A user swapping nn.LSTM for recurrent_bn.LSTM keeps nn.LSTM's initialization (U(-1/sqrt(H), 1/sqrt(H)), drawn
+    # in the same order), not the authors' orthogonal one with forget bias 1, which trained worse out of the box.
+    torch.manual_seed(0)
+    theirs = make_lstm("torch", bidirectional=bidirectional)
+    torch.manual_seed(0)
+    ours = make_lstm("none", bidirectional=bidirectional)
+    for name, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    torch.manual_seed(0)
+    theirs_cell = make_cell("torch")
+    torch.manual_seed(0)
+    for name, value in make_cell("none").state_dict().items():
+        assert torch.equal(theirs_cell.state_dict()[name], value), name

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from recurrent_bn import recurrence
 from recurrent_bn.errors import InputError
 from recurrent_bn.layers import (
+    INITS,
     NONLINEARITIES,
     ORTHOGONAL_SCOPES,
     RECURRENT_INITS,
@@ -39,6 +40,7 @@ from recurrent_bn.layers import (
     _lstm_options,
     _rnn_options,
     _sum_norm_name,
+    init_terms,
 )
 from recurrent_bn.norm import RecurrentBatchNorm, refuse_single_example
 from recurrent_bn.recurrence import StepNorm
@@ -192,9 +194,11 @@ class LSTMCell(_RecurrentCell):
         recurrent_init: str = "orthogonal",
         orthogonal_init: str = "joint",
         cell_bias: bool = False,
+        init: str = "pytorch",
     ) -> None:
         super().__init__(input_size, hidden_size)
         _lstm_options(self, norm, norm_terms, share_statistics_over_time)
+        self.init = _choice("init", init, INITS)
         self._refuse_input_shared_over_time()
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
         self.orthogonal_init = _choice("orthogonal_init", orthogonal_init, ORTHOGONAL_SCOPES)
@@ -208,7 +212,7 @@ class LSTMCell(_RecurrentCell):
 
     def reset_parameters(self) -> None:
         """As `LSTM.reset_parameters` for one layer."""
-        _init_lstm_terms_(self, "")
+        init_terms(self, _init_lstm_terms_)(self, "")
         for module in self.children():
             module.reset_parameters()
 
@@ -264,9 +268,11 @@ class RNNCell(_RecurrentCell):
         share_statistics_over_time: bool | str | tuple[str, ...] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         recurrent_init: str = "orthogonal",
+        init: str = "pytorch",
     ) -> None:
         super().__init__(input_size, hidden_size)
         _rnn_options(self, norm, norm_placement, norm_terms, share_statistics_over_time)
+        self.init = _choice("init", init, INITS)
         if norm_placement == "separate":
             self._refuse_input_shared_over_time()
         self.nonlinearity = _choice("nonlinearity", nonlinearity, NONLINEARITIES)
@@ -277,7 +283,7 @@ class RNNCell(_RecurrentCell):
 
     def reset_parameters(self) -> None:
         """As `RNN.reset_parameters` for one layer."""
-        _init_rnn_terms_(self, "")
+        init_terms(self, _init_rnn_terms_)(self, "")
         for module in self.children():
             module.reset_parameters()
 

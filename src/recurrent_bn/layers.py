@@ -7,8 +7,10 @@ normalization and the cell update stay in the loop (`recurrence.py`).
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +38,7 @@ RECURRENT_INITS = ("orthogonal", "identity")
 ORTHOGONAL_SCOPES = ("joint", "per_gate")
 NOISE_MODES = ("training", "authors")
 BACKENDS = ("auto", "reference", "fused", "triton")
+INITS = ("pytorch", "authors")
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -229,6 +232,32 @@ def _init_lstm_terms_(module: nn.Module, suffix: str) -> None:
     if biases:
         with torch.no_grad():
             biases[0][hidden : 2 * hidden].fill_(module.forget_bias)
+
+
+def _torch_init_terms_(module: nn.Module, suffix: str) -> None:
+    """torch.nn.LSTM's and torch.nn.RNN's initialisation of one layer (or cell): every weight and bias
+    U(-1/sqrt(H), 1/sqrt(H)), drawn in torch's order, so that under the same seed `norm="none"` starts from the very
+    weights torch.nn.LSTM starts from. A normalized variant's one bias is drawn the same way."""
+    bound = 1.0 / math.sqrt(module.hidden_size)
+    for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias"):
+        parameter = _parameter(module, f"{kind}{suffix}")
+        if parameter is not None:
+            nn.init.uniform_(parameter, -bound, bound)
+
+
+def init_terms(module: nn.Module, authors: Callable[[nn.Module, str], None]) -> Callable[[nn.Module, str], None]:
+    """The initialisation of one layer (or cell) that `module.init` names: "pytorch" (torch.nn's uniform draw: the
+    default, since a user swapping torch.nn.LSTM for this layer expects its behaviour) or "authors" (`authors`:
+    orthogonal weights, forget bias `forget_bias`, the identity with `recurrent_init="identity"`; every paper
+    preset in conf/ sets it). `forget_bias`, `recurrent_init` and `orthogonal_init` shape the authors' draw only,
+    so asking for the identity with torch's draw is refused rather than ignored."""
+    init = _choice("init", getattr(module, "init", "authors"), INITS)
+    if init == "authors":
+        return authors
+    if module.recurrent_init != "orthogonal":
+        raise ValueError(f"recurrent_init={module.recurrent_init!r} shapes the authors' initialisation: set "
+                         "init='authors' with it")
+    return _torch_init_terms_
 
 
 def _parameter(module: nn.Module, name: str) -> Tensor | None:
@@ -608,6 +637,10 @@ class LSTM(_RecurrentStack):
             ("input",) is the paper's BN-e* (shared statistics for W_x x only, per-timestep ones elsewhere).
         norm_terms: which terms to normalize, a subset of ("input", "recurrent", "cell"); default all for "bn"
             and "ln", ("input",) for "vbn". For ablations.
+        init: "pytorch" (default): every weight and bias U(-1/sqrt(H), 1/sqrt(H)) as torch.nn.LSTM draws them
+            (under the same seed, norm="none" starts from torch.nn.LSTM's very weights), so that swapping the class
+            keeps nn.LSTM's behaviour; "authors": the paper's code's initialisation below, which every preset in
+            conf/ sets. forget_bias, recurrent_init and orthogonal_init shape the authors' draw only.
         forget_bias: initial bias of the forget gate (1.0 in the authors' code).
         recurrent_init: "orthogonal" or "identity" (the candidate block g of W_h is the identity, the other three
             blocks orthogonal: the authors' MNIST setting).
@@ -658,12 +691,14 @@ class LSTM(_RecurrentStack):
         init_state_noise_mode: str = "training",
         backend: str = "auto",
         bidirectional: bool = False,
+        init: str = "pytorch",
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
             init_state_noise_mode, backend, bidirectional=bidirectional,
         )
         _lstm_options(self, norm, norm_terms, share_statistics_over_time)
+        self.init = _choice("init", init, INITS)
         self.recurrent_init = _choice("recurrent_init", recurrent_init, RECURRENT_INITS)
         self.orthogonal_init = _choice("orthogonal_init", orthogonal_init, ORTHOGONAL_SCOPES)
         self.cell_bias = bool(cell_bias)
@@ -676,8 +711,9 @@ class LSTM(_RecurrentStack):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """The authors' initialisation: W_x and W_h orthogonal (or identity for g), zero biases, forget bias 1."""
-        self._reset(_init_lstm_terms_)
+        """`init`: torch.nn.LSTM's uniform draw, or the authors' (W_x and W_h orthogonal, or identity for g; zero
+        biases; forget bias `forget_bias`)."""
+        self._reset(init_terms(self, _init_lstm_terms_))
 
     # The two halves of `pick_backend` on this layer's setting (the tests check each alone).
     def _uses_triton(self, x: Tensor) -> bool:
@@ -724,8 +760,8 @@ class RNN(_RecurrentStack):
         BN-LSTM. `RNN(norm="bn", norm_placement="separate", nonlinearity="identity", bias=False)` is batch norm in
         place of tanh and the bias.
 
-    With norm="none" the parameters are torch.nn.RNN's. Other arguments as for `LSTM`; `recurrent_init="identity"`
-    sets W_h to the identity (the paper's Figure 1a model uses it, with W_x orthogonal).
+    With norm="none" the parameters are torch.nn.RNN's. Other arguments as for `LSTM`; `init="authors"` with
+    `recurrent_init="identity"` sets W_h to the identity (the paper's Figure 1a model uses it, with W_x orthogonal).
 
     `layer_activation` ("identity", "tanh" or "relu") is applied to each layer's output before the next layer reads
     it (never after the last). With `nonlinearity="identity"` and batch norm this keeps every recurrence free of a
@@ -762,12 +798,14 @@ class RNN(_RecurrentStack):
         layer_activation: str = "identity",
         backend: str = "auto",
         bidirectional: bool = False,
+        init: str = "pytorch",
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, batch_first, dropout, learn_initial_state, init_state_noise,
             init_state_noise_mode, backend, bidirectional=bidirectional,
         )
         _rnn_options(self, norm, norm_placement, norm_terms, share_statistics_over_time)
+        self.init = _choice("init", init, INITS)
         self.layer_activation = _choice("layer_activation", layer_activation, NONLINEARITIES)
         if layer_activation != "identity" and num_layers < 2:
             raise ValueError("layer_activation acts between layers: it needs num_layers >= 2")
@@ -781,8 +819,9 @@ class RNN(_RecurrentStack):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
-        self._reset(_init_rnn_terms_)
+        """`init`: torch.nn.RNN's uniform draw, or the authors' (W_x orthogonal, W_h orthogonal or identity, zero
+        biases, as in their `construct_rnn`)."""
+        self._reset(init_terms(self, _init_rnn_terms_))
 
     def _between_layers(self, output: Tensor) -> Tensor:
         return recurrence.ACTIVATIONS[self.layer_activation](output)
