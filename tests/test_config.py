@@ -202,3 +202,13 @@ def test_a_saved_config_from_before_the_init_option_rebuilds_with_the_authors_in
     saved = OmegaConf.create(OmegaConf.to_container(make_cfg("model=bn_lstm").model, resolve=True))
     del saved["init"]
     assert layer_kwargs(drop_stale_keys(saved))["init"] == "authors"
+
+
+def test_a_run_saved_before_data_download_existed_resumes_with_it(make_cfg, tmp_path):
+    # The trainer reads cfg.data.download: a resumed run of the campaign, saved without the key, must not fail.
+    from recurrent_bn.config import load_for_resume
+
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg("task=digits"), resolve=True))
+    del saved.data["download"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    assert load_for_resume(tmp_path, []).data.download is True
