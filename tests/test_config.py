@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from recurrent_bn.config import CONF_DIR, LSTM_MODELS, RNN_MODELS, TASKS, check_overrides, validate
@@ -172,3 +173,44 @@ def test_estimation_batches_have_the_size_asked_for(make_cfg, tmp_path):
     assert [x.shape[1] for x in task.estimation_inputs(2)] == [16, 16]
     assert [x.shape[1] for x in task.estimation_inputs(2, 500)] == [500, 500]
     assert sum(x.shape[1] for x in task.estimation_inputs(None, 500)) == len(task.splits["train"][1])
+
+
+@pytest.mark.parametrize("task", ["pmnist", "ptb"])
+@pytest.mark.parametrize("model", MODELS)
+def test_every_preset_builds_its_layer_with_the_authors_initialisation(model, task, make_cfg):
+    # The layers' own default is torch.nn.LSTM's uniform draw (for users swapping the class); the paper's presets
+    # must keep the authors' orthogonal weights, zero biases and forget bias 1, so that no preset's numbers change.
+    cfg = make_cfg(f"task={task}", f"model={model}", "model.hidden_size=8")
+    layer = build_model(cfg).recurrent
+    assert layer.init == "authors"
+    identity = task == "pmnist"  # the MNIST tasks' h->h identity on the candidate block (RNN: all of W_h)
+    weight_hh = layer.weight_hh_l0.detach()
+    if cfg.model.cell == "rnn":
+        torch.testing.assert_close(weight_hh if identity else weight_hh.T @ weight_hh, torch.eye(8), atol=1e-5,
+                                   rtol=0)
+        return
+    if identity:
+        torch.testing.assert_close(weight_hh[16:24], torch.eye(8))
+    else:
+        torch.testing.assert_close(weight_hh.T @ weight_hh, torch.eye(8), atol=1e-5, rtol=0)
+    bias = layer.bias_ih_l0 if layer.norm == "none" else layer.bias_l0
+    assert torch.equal(bias[8:16], torch.full((8,), 1.0))  # forget gate
+    assert torch.equal(bias[:8], torch.zeros(8)) and torch.equal(bias[16:], torch.zeros(16))
+
+
+def test_a_saved_config_from_before_the_init_option_rebuilds_with_the_authors_initialisation(make_cfg):
+    from recurrent_bn.models import drop_stale_keys, layer_kwargs
+
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg("model=bn_lstm").model, resolve=True))
+    del saved["init"]
+    assert layer_kwargs(drop_stale_keys(saved))["init"] == "authors"
+
+
+def test_a_run_saved_before_data_download_existed_resumes_with_it(make_cfg, tmp_path):
+    # The trainer reads cfg.data.download: a resumed run of the campaign, saved without the key, must not fail.
+    from recurrent_bn.config import load_for_resume
+
+    saved = OmegaConf.create(OmegaConf.to_container(make_cfg("task=digits"), resolve=True))
+    del saved.data["download"]
+    OmegaConf.save(saved, tmp_path / "config.yaml")
+    assert load_for_resume(tmp_path, []).data.download is True

@@ -430,6 +430,51 @@ def test_download_script_verifies_offline_and_exits_nonzero_with_one_line_on_fai
     assert errors[1:] == ["not ready: text8"]
 
 
+def offline(url, timeout):
+    raise URLError("offline")
+
+
+def test_a_missing_dataset_is_fetched_on_first_use_and_present_files_need_no_network(monkeypatch, tmp_path):
+    made = serve_fixtures(monkeypatch, tmp_path)
+    root, logged = tmp_path / "data", []
+    dl.fetch_on_first_use("ptb", root, log=logged.append)
+    for split in ("train", "valid", "test"):
+        relative = f"ptb/ptb.char.{split}.txt"
+        assert (root / relative).read_bytes() == (made / relative).read_bytes()
+    assert "downloading it into" in logged[0] and any("verified" in line for line in logged[1:])
+    monkeypatch.setattr(dl, "urlopen", offline)
+    dl.fetch_on_first_use("ptb", root)  # everything there: nothing fetched, no network needed
+    assert load_ptb_chars(root)[1]  # and the loader verifies them against the (patched) registry
+
+
+def test_offline_first_use_stops_with_the_loaders_one_line_asking_for_make_data(monkeypatch, tmp_path):
+    monkeypatch.setattr(dl, "urlopen", offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataNotFoundError) as fetched:
+        dl.fetch_on_first_use("mnist", root)
+    with pytest.raises(DataNotFoundError) as loaded:
+        load_mnist(root)
+    assert str(fetched.value) == str(loaded.value)  # today's line, unchanged
+    assert "\n" not in str(fetched.value) and "make data" in str(fetched.value)
+    assert not root.exists()
+
+
+def test_the_trainer_fetches_its_tasks_data_on_first_use_unless_data_download_is_off(monkeypatch, tmp_path,
+                                                                                         make_cfg):
+    from recurrent_bn.trainer import load_task
+
+    serve_fixtures(monkeypatch, tmp_path)
+    small = ["task=ptb", "task.seq_len=5", "task.batch_size=2", "task.eval_seq_len=5", "task.eval_batch_size=2",
+             "task.num_classes=29", "task.input_size=29"]  # the fixture's vocabulary
+    cfg = make_cfg(*small, f"data.root={tmp_path / 'data'}")
+    assert cfg.data.download is True  # the default: `make train` on a new machine fetches what it needs
+    assert load_task(cfg, torch.device("cpu")).vocabulary
+    monkeypatch.setattr(dl, "urlopen", lambda url, timeout: pytest.fail("data.download=false must not fetch"))
+    cfg = make_cfg(*small, f"data.root={tmp_path / 'empty'}", "data.download=false")
+    with pytest.raises(DataNotFoundError, match="make data"):
+        load_task(cfg, torch.device("cpu"))
+
+
 # ---------------------------------------------------------------- the real data, when present
 
 

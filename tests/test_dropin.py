@@ -10,6 +10,7 @@ Every test runs on each backend the build has, so the fused kernels are held to 
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -757,3 +758,96 @@ def test_wrong_cell_inputs_raise_a_runtime_error_as_torch_lstm_cell_does(make):
         cell(torch.randn(2, 7))
     with pytest.raises(RuntimeError):
         cell(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(3, 4)))
+
+
+def trained_bn_lstm(steps: int = 6) -> rb.LSTM:
+    """A BN-LSTM whose population statistics differ from step to step (a few training passes on drifting inputs)."""
+    torch.manual_seed(0)
+    lstm = rb.LSTM(3, 4, norm="bn", max_length=steps)
+    drift = torch.linspace(0, 2, steps)[:, None, None]
+    for _ in range(3):
+        lstm(torch.randn(steps, 8, 3) * (1 + drift) + drift)
+    return lstm.eval()
+
+
+def test_generating_one_token_at_a_time_with_start_step_equals_the_whole_sequence():
+    lstm, x = trained_bn_lstm(), torch.randn(6, 2, 3)
+    whole, _ = lstm(x)
+    state, with_step, from_zero = None, [], []
+    for t in range(6):
+        output, state = lstm(x[t : t + 1], state, start_step=t)
+        with_step.append(output)
+    torch.testing.assert_close(torch.cat(with_step), whole)
+    state = None
+    with pytest.warns(UserWarning, match="start_step"):
+        for t in range(6):
+            output, state = lstm(x[t : t + 1], state)  # the mistake: every step normalized as step 0
+            from_zero.append(output)
+    assert not torch.allclose(torch.cat(from_zero), whole)
+
+
+def test_a_bn_layer_stepped_from_step_zero_warns_once_and_only_then(recwarn):
+    lstm, x = trained_bn_lstm(), torch.randn(1, 2, 3)
+    zeros = (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))
+    state = lstm(x, zeros)[1]  # the first token with an explicit zero state, as torch's example passes it
+    for t in range(1, 4):
+        state = lstm(x, state, start_step=t)[1]
+    lstm(torch.randn(6, 2, 3))  # whole sequences
+    ln = rb.LSTM(3, 4, norm="ln").eval()
+    ln(x, ln(x, zeros)[1])  # layer norm has no per-step statistics
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+    state = lstm(x, zeros)[1]
+    with pytest.warns(UserWarning, match="start_step=t"):
+        state = lstm(x, state)[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lstm(x, state)  # once per layer
+
+
+def stateful_lm_batches(pieces: int = 4, steps: int = 5, batch: int = 6) -> list[torch.Tensor]:
+    """Consecutive pieces of `batch` streams, as torch's word-language-model example feeds them."""
+    torch.manual_seed(1)
+    streams = torch.randn(pieces * steps, batch, 3).cumsum(0) * 0.3  # drifting: a piece's start depends on the past
+    return list(streams.split(steps))
+
+
+def population(lstm: rb.LSTM) -> dict:
+    return {k: v.clone() for k, v in lstm.state_dict().items() if "running" in k}
+
+
+def test_estimate_population_statistics_carries_the_state_across_batches_when_asked():
+    lstm, batches = rb.LSTM(3, 4, norm="bn", max_length=5), stateful_lm_batches()
+
+    def carried_by_hand(model, batches):
+        state = None
+        for batch in batches:
+            state = model(batch, state)[1]
+
+    rb.estimate_population_statistics(lstm, batches, carry_state=True)
+    carried = population(lstm)
+    for norm in rb.layers.batch_norms(lstm):
+        norm.reset_running_stats()
+        norm.momentum = None
+    lstm.train()
+    carried_by_hand(lstm, batches)
+    assert_states_close(population(lstm), carried)
+    rb.estimate_population_statistics(lstm, [(b,) for b in batches], carry_state=True)  # tuple batches too
+    assert_states_close(population(lstm), carried)
+    rb.estimate_population_statistics(lstm, batches)  # each batch from zeros: other statistics
+    fresh = population(lstm)
+    assert not all(torch.allclose(fresh[k], carried[k]) for k in carried)
+    assert lstm.training  # the mode is put back
+
+
+def test_estimate_population_statistics_with_a_forward_gets_the_state_when_carrying():
+    lstm, batches, seen = rb.LSTM(3, 4, norm="bn", max_length=5), stateful_lm_batches(), []
+
+    def forward(model, batch, state):
+        seen.append(state is None)
+        return model(batch, state)
+
+    assert rb.estimate_population_statistics(lstm, batches, forward, carry_state=True) == len(batches)
+    assert seen == [True] + [False] * (len(batches) - 1)
+    with pytest.raises(ValueError, match="output, state"):
+        rb.estimate_population_statistics(lstm, batches, lambda model, batch, state: model(batch)[0],
+                                          carry_state=True)

@@ -476,7 +476,7 @@ def leading_zeros_batch(dtype):
 
 def test_zero_variance_timesteps_give_finite_outputs_and_exploding_gradients_without_noise(backend):
     torch.manual_seed(17)
-    m = rb.LSTM(1, 8, norm="bn", max_length=130, backend=backend)
+    m = rb.LSTM(1, 8, norm="bn", max_length=130, backend=backend, init="authors")
     x = leading_zeros_batch(torch.float64).requires_grad_(True)
     y, _ = m(x)
     assert torch.isfinite(y).all()
@@ -548,7 +548,7 @@ def test_learned_initial_state_starts_at_zero_and_learns(backend):
 
 
 def test_identity_recurrent_init_sets_the_candidate_block():
-    m = rb.LSTM(1, 4, recurrent_init="identity", orthogonal_init="per_gate")
+    m = rb.LSTM(1, 4, recurrent_init="identity", orthogonal_init="per_gate", init="authors")
     assert torch.equal(m.weight_hh_l0[8:12], torch.eye(4))
     assert torch.allclose(m.weight_hh_l0[:4] @ m.weight_hh_l0[:4].T, torch.eye(4), atol=1e-6)
     assert torch.equal(m.bias_ih_l0[4:8], torch.ones(4)) and torch.equal(m.bias_hh_l0, torch.zeros(16))
@@ -585,10 +585,11 @@ torch.set_num_threads(2)  # before any layer is built, with OMP_THREAD_LIMIT=1 i
 import recurrent_bn as rb
 from recurrent_bn.models import init_head_
 makers = [
-    lambda backend: rb.LSTM(64, 64, 2, norm="bn", backend=backend),
-    lambda backend: rb.LSTM(64, 64, norm="ln", recurrent_init="identity", orthogonal_init="per_gate", backend=backend),
-    lambda backend: rb.LSTM(64, 64, norm="vbn", bidirectional=True, backend=backend),
-    lambda backend: rb.RNN(64, 64, 2, norm="bn", backend=backend),
+    lambda backend: rb.LSTM(64, 64, 2, norm="bn", backend=backend, init="authors"),
+    lambda backend: rb.LSTM(64, 64, norm="ln", recurrent_init="identity", orthogonal_init="per_gate", backend=backend,
+                            init="authors"),
+    lambda backend: rb.LSTM(64, 64, norm="vbn", bidirectional=True, backend=backend, init="authors"),
+    lambda backend: rb.RNN(64, 64, 2, norm="bn", backend=backend, init="authors"),
 ]
 for make in makers:
     torch.manual_seed(0)
@@ -621,7 +622,7 @@ def test_orthogonal_initialisation_is_nn_init_orthogonal_bit_for_bit_without_a_t
     # Seeded runs keep their numbers: the guard only acts where OMP_THREAD_LIMIT is below torch's threads.
     monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
     torch.manual_seed(0)
-    model = rb.LSTM(3, 16)
+    model = rb.LSTM(3, 16, init="authors")
     torch.manual_seed(0)
     expected_ih, expected_hh = torch.empty(64, 3), torch.empty(64, 16)
     nn.init.orthogonal_(expected_ih)

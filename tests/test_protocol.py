@@ -27,21 +27,21 @@ def has_orthonormal_columns(weight: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("norm", ["none", "vbn", "bn", "ln"])
-def test_default_init_is_one_orthogonal_matrix_over_all_gates(norm):
-    layer = rb.LSTM(3, 8, 2, norm=norm)
+def test_the_authors_init_is_one_orthogonal_matrix_over_all_gates(norm):
+    layer = rb.LSTM(3, 8, 2, norm=norm, init="authors")
     for k in range(2):
         assert has_orthonormal_columns(layer.get_parameter(f"weight_hh_l{k}"))  # W_h^T W_h = I, (4H, H)
         assert has_orthonormal_columns(layer.get_parameter(f"weight_ih_l{k}"))  # one orthogonal (4H, I)
     # Entries: RMS 1/(2 sqrt(H)) jointly, against 1/sqrt(H) with each gate's block orthogonal.
     joint = layer.weight_hh_l0.square().mean().sqrt()
-    per_gate = rb.LSTM(3, 8, norm=norm, orthogonal_init="per_gate").weight_hh_l0.square().mean().sqrt()
+    per_gate = rb.LSTM(3, 8, norm=norm, orthogonal_init="per_gate", init="authors").weight_hh_l0.square().mean().sqrt()
     assert float(joint) == pytest.approx(0.5 / np.sqrt(8), rel=1e-5)
     assert float(per_gate / joint) == pytest.approx(2.0, rel=1e-5)
 
 
 def test_identity_init_keeps_the_f_i_o_blocks_orthonormal_together():
     hidden = 6
-    weight = rb.LSTM(1, hidden, norm="bn", recurrent_init="identity").weight_hh_l0.detach()
+    weight = rb.LSTM(1, hidden, norm="bn", recurrent_init="identity", init="authors").weight_hh_l0.detach()
     i, f, g, o = weight.chunk(4, 0)
     assert torch.equal(g, torch.eye(hidden))
     assert has_orthonormal_columns(torch.cat([i, f, o]))

@@ -23,6 +23,7 @@ What a cell cannot do is normalize the input term with statistics over the whole
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ PLACEMENTS = ("sum", "separate")
 NONLINEARITIES = ("tanh", "relu", "identity")
 RECURRENT_INITS = ("orthogonal", "identity")
 ORTHOGONAL_SCOPES = ("joint", "per_gate")
+INITS = ("pytorch", "authors")
 
 
 def choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -174,11 +176,33 @@ def _parameter(terms: dict, shape: tuple[int, ...], factory: dict, name: str) ->
     terms[name] = nn.Parameter(torch.empty(shape, **factory))
 
 
+def _init(init: str, recurrent_init: str) -> str:
+    """`init`: "pytorch" (the default: torch.nn's uniform draw, since a user swapping torch.nn.LSTM for these layers
+    expects its behaviour) or "authors" (orthogonal weights, forget bias `forget_bias`, the identity with
+    `recurrent_init="identity"`; every paper preset in conf/ sets it). `recurrent_init`, `orthogonal_init` and
+    `forget_bias` shape the authors' draw only, so asking for the identity with torch's draw is refused, not ignored."""
+    init = choice("init", init, INITS)
+    if init == "pytorch" and recurrent_init != "orthogonal":
+        raise ValueError(f"recurrent_init={recurrent_init!r} shapes the authors' initialisation: set init='authors' "
+                         "with it")
+    return init
+
+
+def torch_init_(parameters: dict[str, Tensor], hidden_size: int) -> None:
+    """torch.nn.LSTM's and torch.nn.RNN's initialisation of one direction's `parameters` (by cell name): every weight
+    and bias U(-1/sqrt(H), 1/sqrt(H)), drawn in torch's order, so that under the same seed norm="none" starts from the
+    very weights torch.nn.LSTM starts from. A normalized variant's one bias is drawn the same way."""
+    bound = 1.0 / math.sqrt(hidden_size)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "bias"):
+        if name in parameters:
+            nn.init.uniform_(parameters[name], -bound, bound)
+
+
 def lstm_options(
     norm: str = "none", norm_terms: tuple[str, ...] | list[str] | None = None,
     share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False, gamma_init: float | None = None,
     forget_bias: float = 1.0, recurrent_init: str = "orthogonal", orthogonal_init: str = "joint",
-    cell_bias: bool = False,
+    cell_bias: bool = False, init: str = "pytorch",
 ) -> dict[str, object]:
     """The options an LSTM layer and an LSTMCell share, checked once, as the attributes both carry."""
     norm = choice("norm", norm, LSTM_NORMS)
@@ -200,6 +224,7 @@ def lstm_options(
         "cell_bias": bool(cell_bias),
         "gamma_init": _gamma(norm, gamma_init),
         "forget_bias": forget_bias,
+        "init": _init(init, recurrent_init),
     }
 
 
@@ -207,7 +232,7 @@ def rnn_options(
     norm: str = "none", nonlinearity: str = "tanh", norm_placement: str = "sum",
     norm_terms: tuple[str, ...] | list[str] | None = None,
     share_statistics_over_time: bool | str | tuple[str, ...] | list[str] = False, gamma_init: float | None = None,
-    recurrent_init: str = "orthogonal",
+    recurrent_init: str = "orthogonal", init: str = "pytorch",
 ) -> dict[str, object]:
     """The options an RNN layer and an RNNCell share, checked once, as the attributes both carry."""
     norm = choice("norm", norm, RNN_NORMS)
@@ -233,6 +258,7 @@ def rnn_options(
         "nonlinearity": choice("nonlinearity", nonlinearity, NONLINEARITIES),
         "recurrent_init": choice("recurrent_init", recurrent_init, RECURRENT_INITS),
         "gamma_init": _gamma(norm, gamma_init),
+        "init": _init(init, recurrent_init),
     }
 
 
@@ -368,6 +394,20 @@ class _RecurrentCell(nn.Module):
         module.update_population(pooled.mean[None], pooled_var[None], total[None], step)
 
 
+def _unbatched_step(cell: _RecurrentCell, input: Tensor, hx, step: int | None, mask: Tensor | None):
+    """torch.nn.LSTMCell's unbatched form: input (input_size,) and states (H,), run as a batch of one and returned
+    in the same form. Batch norm in training refuses it, as it refuses any batch of one."""
+    states = None if hx is None else [hx] if isinstance(hx, Tensor) else list(hx)
+    if states is not None and any(not isinstance(s, Tensor) or s.dim() != 1 for s in states):
+        raise InputError(f"for unbatched 1-D input (input_size,) the states are 1-D (hidden_size,), got "
+                         f"{[tuple(getattr(s, 'shape', ())) for s in states]}")
+    if states is not None:
+        hx = states[0][None] if isinstance(hx, Tensor) else tuple(s[None] for s in states)
+    mask = None if mask is None else torch.as_tensor(mask).reshape(1)
+    output = cell(input[None], hx, step=step, mask=mask)
+    return output[0] if isinstance(output, Tensor) else tuple(s[0] for s in output)
+
+
 class LSTMCell(_RecurrentCell):
     """One timestep of `LSTM` (gate order i, f, g, o): `h, c = cell(x_t, (h, c), step=t)`; one direction of one layer
     of `LSTM` is made by the same class (`create_terms`, `init_terms_`).
@@ -399,9 +439,10 @@ class LSTMCell(_RecurrentCell):
         recurrent_init: str = "orthogonal",
         orthogonal_init: str = "joint",
         cell_bias: bool = False,
+        init: str = "pytorch",
     ) -> None:
         options = lstm_options(norm, norm_terms, share_statistics_over_time, gamma_init, forget_bias, recurrent_init,
-                               orthogonal_init, cell_bias)
+                               orthogonal_init, cell_bias, init)
         super().__init__(input_size, hidden_size, bias, options, max_length, eps, momentum,
                          {"device": device, "dtype": dtype}, input_shared_over_time=True)
 
@@ -438,10 +479,14 @@ class LSTMCell(_RecurrentCell):
         return terms
 
     @staticmethod
-    def init_terms_(parameters: dict[str, Tensor], hidden_size: int, *, recurrent_init: str, orthogonal_init: str,
-                    forget_bias: float) -> None:
-        """The authors' initialisation of one direction's `parameters` (by cell name): W_x and W_h orthogonal (or
-        identity for g), zero biases, forget bias `forget_bias`. The normalizations reset themselves."""
+    def init_terms_(parameters: dict[str, Tensor], hidden_size: int, *, init: str, recurrent_init: str,
+                    orthogonal_init: str, forget_bias: float) -> None:
+        """One direction's `parameters` (by cell name) as `init` says: torch's uniform draw (`torch_init_`), or the
+        authors': W_x and W_h orthogonal (or identity for g), zero biases, forget bias `forget_bias`. The
+        normalizations reset themselves."""
+        if init == "pytorch":
+            torch_init_(parameters, hidden_size)
+            return
         hidden = hidden_size
         _orthogonal_blocks_(parameters["weight_ih"], 4, orthogonal_init)
         weight_hh = parameters["weight_hh"]
@@ -464,7 +509,7 @@ class LSTMCell(_RecurrentCell):
 
     def reset_parameters(self) -> None:
         """As `LSTM.reset_parameters` for one layer."""
-        self.init_terms_(dict(self.named_parameters(recurse=False)), self.hidden_size,
+        self.init_terms_(dict(self.named_parameters(recurse=False)), self.hidden_size, init=self.init,
                          recurrent_init=self.recurrent_init, orthogonal_init=self.orthogonal_init,
                          forget_bias=self.forget_bias)
         for module in self.children():
@@ -474,6 +519,8 @@ class LSTMCell(_RecurrentCell):
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None, *, step: int | None = None,
         mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        if input.dim() == 1:
+            return _unbatched_step(self, input, hx, step, mask)
         if hx is not None and not (isinstance(hx, tuple | list) and len(hx) == 2):
             raise InputError("hx of an LSTMCell is a tuple (h, c) of (B, hidden_size) tensors, or None for zeros")
         terms = self.terms()
@@ -520,9 +567,10 @@ class RNNCell(_RecurrentCell):
         share_statistics_over_time: bool | str | tuple[str, ...] = False,
         norm_terms: tuple[str, ...] | list[str] | None = None,
         recurrent_init: str = "orthogonal",
+        init: str = "pytorch",
     ) -> None:
         options = rnn_options(norm, nonlinearity, norm_placement, norm_terms, share_statistics_over_time, gamma_init,
-                              recurrent_init)
+                              recurrent_init, init)
         # With "sum" placement the one normalization is of the step's whole pre-activation: shared statistics over
         # time share its population slot only, which a cell can do.
         super().__init__(input_size, hidden_size, bias, options, max_length, eps, momentum,
@@ -559,8 +607,12 @@ class RNNCell(_RecurrentCell):
         return terms
 
     @staticmethod
-    def init_terms_(parameters: dict[str, Tensor], hidden_size: int, *, recurrent_init: str) -> None:
-        """W_x orthogonal, W_h orthogonal or identity, zero biases, as in the authors' `construct_rnn`."""
+    def init_terms_(parameters: dict[str, Tensor], hidden_size: int, *, init: str, recurrent_init: str) -> None:
+        """torch's uniform draw (`torch_init_`) or, with init="authors", W_x orthogonal, W_h orthogonal or identity,
+        zero biases, as in the authors' `construct_rnn`."""
+        if init == "pytorch":
+            torch_init_(parameters, hidden_size)
+            return
         orthogonal_(parameters["weight_ih"])
         weight_hh = parameters["weight_hh"]
         if recurrent_init == "identity":
@@ -574,7 +626,7 @@ class RNNCell(_RecurrentCell):
 
     def reset_parameters(self) -> None:
         """As `RNN.reset_parameters` for one layer."""
-        self.init_terms_(dict(self.named_parameters(recurse=False)), self.hidden_size,
+        self.init_terms_(dict(self.named_parameters(recurse=False)), self.hidden_size, init=self.init,
                          recurrent_init=self.recurrent_init)
         for module in self.children():
             module.reset_parameters()
@@ -582,6 +634,8 @@ class RNNCell(_RecurrentCell):
     def forward(
         self, input: Tensor, hx: Tensor | None = None, *, step: int | None = None, mask: Tensor | None = None
     ) -> Tensor:
+        if input.dim() == 1:
+            return _unbatched_step(self, input, hx, step, mask)
         terms = self.terms()
         (h,), step, mask = self._check(input, [hx], step, mask, terms)
         norms = self._step_norms(terms, step, mask)

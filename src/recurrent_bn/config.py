@@ -234,10 +234,13 @@ def load_for_resume(run_dir: Path, overrides: list[str]) -> DictConfig:
         )
     cfg = _load_saved(saved, run_dir)
     cfg.model = drop_stale_keys(cfg.model)
-    # A trainer key added after the run started takes its default, which is the behaviour the run was started with.
-    for key, value in OmegaConf.load(CONF_DIR / "config.yaml").trainer.items():
-        if key not in cfg.trainer:
-            cfg.trainer[key] = value
+    # A trainer or data key added after the run started takes its default, which is the behaviour the run was
+    # started with (data.download only acts on missing files, which a resumed run has already read).
+    defaults = OmegaConf.load(CONF_DIR / "config.yaml")
+    for group in ("trainer", "data"):
+        for key, value in defaults[group].items():
+            if key not in cfg[group]:
+                cfg[group][key] = value
     for override in overrides:
         if override.startswith(("resume=", "hydra.", "hydra/", "+hydra", "~hydra")):
             continue

@@ -44,9 +44,14 @@ def layer_parameters(cell: str) -> set[str]:
 
 
 def drop_stale_keys(model: DictConfig) -> DictConfig:
-    """A saved (resolved) RNN config from before the contract, without the LSTM-only keys it never used."""
+    """A saved (resolved) config read as today's: an RNN's without the LSTM-only keys it never used (saved before
+    the contract), and `init: authors` where it was saved before the option existed."""
     if model.get("cell") == "rnn":
         model = OmegaConf.masked_copy(model, [key for key in model if key not in STALE_RNN_KEYS])
+    if model.get("cell") in LAYER_CLASSES and "init" not in model:
+        # Saved before the layers had `init`: every run used the authors' initialisation, which is no longer the
+        # layers' default, so a rebuilt run must ask for it.
+        model = OmegaConf.merge(OmegaConf.create({"init": "authors"}), model)
     return model
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 
@@ -11,9 +12,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from recurrent_bn import data
+from recurrent_bn.data.download import DATASETS, fetch_on_first_use
 from recurrent_bn.errors import ConfigError
 from recurrent_bn.norm import batch_norms
 
+logger = logging.getLogger(__name__)
 LN2 = math.log(2.0)
 STREAM_CHUNK = 1000  # characters per call when a split is read as one sequence
 
@@ -26,7 +29,8 @@ class Task:
     """
 
     def __init__(
-        self, cfg: DictConfig, device: torch.device, seed: int, data_root: str | None = None, verify: bool = True
+        self, cfg: DictConfig, device: torch.device, seed: int, data_root: str | None = None, verify: bool = True,
+        download: bool = False,
     ) -> None:
         self.cfg = cfg
         self.name = cfg.name
@@ -37,6 +41,10 @@ class Task:
         self.order = None
         self.vocabulary: list[str] | None = None
         root = data.resolve_data_root(data_root)
+        if download and cfg.dataset in DATASETS:
+            # The first run on a new machine fetches what it needs (config `data.download`); offline it stops
+            # with the loader's one line asking for `make data`, as before.
+            fetch_on_first_use(cfg.dataset, root, log=logger.info)
         if cfg.dataset == "mnist":
             self.splits = data.load_mnist(root, num_valid=cfg.valid_size, verify=verify)
             self.order = data.pixel_order(cfg.permutation, cfg.permutation_seed)

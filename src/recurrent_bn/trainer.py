@@ -306,7 +306,8 @@ def set_up_runtime(trainer_cfg: DictConfig) -> torch.device:
 def load_task(cfg: DictConfig, device: torch.device) -> Task:
     """The task's data; a value the data cannot serve (a batch larger than a split) is a config error."""
     try:
-        return Task(cfg.task, device, seed=cfg.seed, data_root=cfg.data.root, verify=cfg.data.verify)
+        return Task(cfg.task, device, seed=cfg.seed, data_root=cfg.data.root, verify=cfg.data.verify,
+                    download=cfg.data.download)
     except PermissionError as error:
         raise UserError(f"cannot read {error.filename}: permission denied; make it readable, or set data.root "
                         "(or $RBN_DATA_ROOT) to a copy you can read") from None

@@ -22,6 +22,8 @@ from pathlib import Path
 from urllib.error import URLError
 from urllib.request import urlopen
 
+from tqdm import tqdm
+
 from recurrent_bn.errors import ConfigError, DataCorruptError, DataNotFoundError
 
 # Per socket operation (connect, each read): a dead mirror fails in seconds instead of hanging `make data`.
@@ -322,7 +324,7 @@ def _fetch_and_install(source: Source, root: Path, dataset: str) -> str:
         for url in source.urls:
             try:
                 with urlopen(url, timeout=TIMEOUT_S) as response, open(archive, "wb") as out:
-                    shutil.copyfileobj(response, out, 1 << 20)
+                    _copy_with_progress(response, out, url)
             except (OSError, http.client.HTTPException) as error:  # URLError and timeouts are OSErrors
                 unreachable.append(f"{url}: {_reason(error)}")
                 continue
@@ -347,6 +349,38 @@ def _fetch_and_install(source: Source, root: Path, dataset: str) -> str:
     raise DataNotFoundError(
         f"could not reach {' or '.join(unreachable)}; by hand: {source.by_hand.format(folder=folder)}"
     )
+
+
+def _copy_with_progress(response, out, url: str) -> None:
+    """Copy a download to ``out`` with a progress bar on a terminal (tqdm stays silent in logs and CI)."""
+    total = response.headers.get("Content-Length") if getattr(response, "headers", None) is not None else None
+    with tqdm(total=int(total) if total else None, unit="B", unit_scale=True, unit_divisor=1024,
+              desc=url.rsplit("/", 1)[-1], disable=None, leave=False) as bar:
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            bar.update(len(chunk))
+
+
+def fetch_on_first_use(dataset: str, root: Path, *, log: Callable[[str], None] | None = None) -> None:
+    """Download what of ``dataset`` is missing under ``root`` before a loader reads it, as torchvision's datasets
+    do with ``download=True``: checksummed, with a progress bar, into the data root.
+
+    Does nothing when every file is there (the loader then verifies them as always). When no mirror can be
+    reached (an offline machine), raises the loader's own one-line :class:`DataNotFoundError`, which asks for
+    ``make data`` or a copy made by hand: the first run on a new machine then reads as it did before downloads
+    on first use existed. What was fetched but fails its check raises :class:`DataCorruptError`.
+    """
+    try:
+        require_files(dataset, Path(root), verify=False)
+        return
+    except DataNotFoundError as error:
+        missing = error
+    if log is not None:
+        log(f"{dataset}: {missing}; downloading it into {root}")
+    try:
+        download(dataset, Path(root), log=log)
+    except DataNotFoundError:
+        raise missing from None
 
 
 def _unpack(source: Source, archive: Path, parts: list[Path]) -> None:
