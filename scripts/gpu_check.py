@@ -48,7 +48,7 @@ BUNDLE = ROOT / ".gpu-bundle"
 # The pure-Python packages a training run imports that a bare torch + Triton image lacks (Hydra's own included).
 BUNDLED = ("hydra-core", "omegaconf", "antlr4-python3-runtime")
 
-# Every LSTM variant of the Triton path (tests/test_triton.py's list).
+# Every LSTM variant of the Triton path (tests/test_triton.py imports this list).
 VARIANTS = {
     "none": {"norm": "none"},
     "none-cell-bias": {"norm": "none", "cell_bias": True},

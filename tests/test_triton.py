@@ -18,6 +18,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,9 @@ from compare import assert_all_close, buffers, float32_errors, run
 from interpreted import import_interpreted
 
 import recurrent_bn as rb
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from gpu_check import VARIANTS  # noqa: E402  (every LSTM variant of the Triton path: one list, checked on GPUs too)
 
 triton_lstm = import_interpreted()
 needs_triton = pytest.mark.skipif(
@@ -34,20 +38,6 @@ pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:Converting a tens
 
 TOL = 1e-10
 
-VARIANTS = {
-    "none": {"norm": "none"},
-    "none-cell-bias": {"norm": "none", "cell_bias": True},
-    "bn": {"norm": "bn"},
-    "vbn": {"norm": "vbn"},
-    "ln": {"norm": "ln"},
-    "bn-shared": {"norm": "bn", "share_statistics_over_time": True},
-    "bn-recurrent": {"norm": "bn", "norm_terms": ("recurrent",)},
-    "bn-cell": {"norm": "bn", "norm_terms": ("cell",)},
-    "bn-input-recurrent-cell-bias": {"norm": "bn", "norm_terms": ("input", "recurrent"), "cell_bias": True},
-    "ln-recurrent": {"norm": "ln", "norm_terms": ("recurrent",)},
-    "ln-cell": {"norm": "ln", "norm_terms": ("cell",)},
-    "bn-no-bias": {"norm": "bn", "bias": False},
-}
 # (steps, batch, input, hidden, layers, max_length): T > max_length, two layers, batch 3 so that one sequence is
 # padded from its second step.
 SHAPE = (5, 3, 2, 3, 2, 3)
