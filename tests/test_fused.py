@@ -202,6 +202,70 @@ def test_fused_numbers_are_the_same_bits_when_the_team_falls_back_to_one_thread(
 
 
 @needs_fused
+def test_a_fallen_back_call_keeps_the_bits_at_sizes_whose_copies_aten_splits(threads):
+    # Above 32768 elements ATen spreads a copy over threads; while the team runs on one thread the kernels make
+    # their copies (the incoming gradient, h_prev^T for the dW_h product) on one thread too, and the population
+    # update runs on one thread always (fused.one_thread). Neither may change a bit, nor leave the thread count
+    # changed for the caller.
+    threads(2)
+    torch.set_num_threads(2)
+    steps, batch, input_size, hidden = 40, 16, 3, 64  # (steps x batch x hidden) = 40960
+    _, model = pair({"norm": "bn"}, input_size, hidden, 1, steps, dtype=torch.float32)
+    x, hx, _ = inputs(steps, batch, input_size, hidden, 1, False, dtype=torch.float32)
+    results = []
+    for solo_calls in (0, 1000):
+        fast = copy.deepcopy(model)
+        fused._extension.set_team_fallback(True)
+        fused._extension.run_solo(solo_calls)
+        try:
+            output, _ = fast(x)
+            output.sum().backward()  # an expanded gradient: the kernels copy it
+        finally:
+            fused._extension.run_solo(0)
+            fused._extension.set_team_fallback(False)
+        assert torch.get_num_threads() == 2
+        results.append([output, *(p.grad for p in fast.parameters()), *buffers(fast)])
+    for team, solo in zip(*results, strict=True):
+        assert torch.equal(team, solo)
+
+
+@needs_fused
+def test_one_thread_scope_sets_one_thread_inside_and_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError), fused.one_thread():
+            assert torch.get_num_threads() == 1
+            raise ValueError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_population_update_gives_the_same_bits_on_one_thread_and_on_two():
+    # Why fused.one_thread may run it on one thread: elementwise operations and index_add_ (each element adds its
+    # sources in index order) do not depend on the split. Pooled slots (steps past max_length) and sizes above
+    # ATen's grain (32768 elements) included.
+    generator = torch.Generator().manual_seed(0)
+    mean = torch.randn(300, 400, generator=generator) * 5
+    var = torch.rand(300, 400, generator=generator)
+    count = torch.randint(0, 65, (300,), generator=generator).float()
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            norm = rb.norm.RecurrentBatchNorm(400, max_length=100)
+            for start in (0, 250):
+                norm.update_population(mean, var, count, start_step=start)
+            results.append([norm.running_mean, norm.running_var, norm.num_batches_tracked, norm.trained_length])
+    finally:
+        torch.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+@needs_fused
 def test_fused_all_padded_timesteps_and_zero_input_variance(threads):
     # Timesteps where no example is active (statistics 0, 0), and leading zero inputs: the input term has a zero
     # batch variance there, so its normalization divides by sqrt(eps). (The recurrent term's zero variance, whose

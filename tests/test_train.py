@@ -17,6 +17,7 @@ import pytest
 import torch
 from fixtures import make_mnist, make_ptb, make_text8, ptb_char_text, text8_like
 
+from recurrent_bn import fused
 from recurrent_bn.config import CONF_DIR
 from recurrent_bn.errors import ConfigError, DataNotFoundError
 from recurrent_bn.layers import LSTM, estimate_population_statistics
@@ -203,6 +204,31 @@ def test_same_seed_gives_identical_metrics_on_cpu(tmp_path, make_cfg):
         train(make_cfg(*TASK_OVERRIDES["digits"], "model=bn_lstm", *TINY), tmp_path / name)
         rows.append(without_timing(read_metrics(tmp_path / name)))
     assert rows[0] == rows[1]
+
+
+@pytest.mark.skipif(not fused.available(), reason="needs the fused CPU kernels")
+@pytest.mark.parametrize("task", ["digits", "ptb"])
+def test_training_runs_whose_team_has_fallen_back_give_the_same_bits(tmp_path, data_root, make_cfg, task):
+    # Beside a busy core the kernels' team falls back to one thread, and the kernels' copies and products over the
+    # whole sequence then run on one thread too, in their fixed blocks. Forced here for every call, on two threads:
+    # the metrics must be the bits of the run whose team never falls back.
+    overrides = [o for o in TASK_OVERRIDES[task] if not o.startswith("task.batch_size=")]
+    overrides += ["task.batch_size=40", "model=bn_lstm", "model.hidden_size=64", "trainer.threads=2",
+                  "trainer.max_steps=8", "trainer.eval_every=4", "trainer.log_every=1", "logger=csv",
+                  "data.verify=false"]
+    extension, threads = fused._extension, torch.get_num_threads()
+    rows = []
+    for solo in (False, True):
+        extension.set_team_fallback(solo)
+        extension.run_solo(10**9 if solo else 0)
+        try:
+            train(make_cfg(*overrides, f"data.root={data_root}"), tmp_path / f"solo_{solo}")
+        finally:
+            extension.run_solo(0)
+            extension.set_team_fallback(True)
+            torch.set_num_threads(threads)
+        rows.append(without_timing(read_metrics(tmp_path / f"solo_{solo}")))
+    assert len(rows[0]) > 8 and rows[0] == rows[1]
 
 
 @pytest.mark.slow

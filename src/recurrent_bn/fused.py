@@ -19,12 +19,14 @@ loop, with the same calls the reference makes. The RNN layers have no fused kern
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,6 +135,28 @@ def supports(*tensors: Tensor) -> bool:
 def threads_for(batch: int, hidden: int) -> int:
     """Threads for one layer's loop: PyTorch's setting, or one thread when a timestep is too small to split."""
     return torch.get_num_threads() if batch * hidden >= MIN_PARALLEL_WORK else 1
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """PyTorch's CPU operations inside run on the calling thread alone.
+
+    For bookkeeping whose numbers do not depend on how it is split (elementwise operations, `index_add_`, whose every
+    element adds its sources in index order): the population update runs in it. At (steps x features) in float64 it
+    takes milliseconds, and spread over threads while another process holds a core, each of its parallel operations
+    waited for a thread that was not running, for up to a time slice (about 100 ms of a 400 ms BN-LSTM training step
+    at the sMNIST shape). Sets OpenMP's thread count of this thread only, which ATen's parallel loops and oneDNN
+    read; `torch.set_num_threads` would also reset oneDNN's caches. Not for matrix products, nor for the kernels:
+    MKL keeps the count `torch.set_num_threads` gave it, or follows this one, and its sums depend on it; the
+    kernels' blocks are split by the thread count."""
+    if _load() is None:
+        yield
+        return
+    before = _extension.set_omp_threads(1)
+    try:
+        yield
+    finally:
+        _extension.set_omp_threads(before)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -248,8 +272,9 @@ def lstm(terms: CellTerms, x: Tensor, state: tuple[Tensor, Tensor], mask: Tensor
     # The population statistics, with the reference's one update (RecurrentBatchNorm.record_pass).
     for (kind, _, _), module, (mean, var) in zip(described, (norm_ih, norm_hh, norm_c), config["stats"], strict=True):
         if kind in (Kind.SHARED, Kind.BATCH):
-            module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step,
-                               pooled=kind == Kind.SHARED)
+            with one_thread():
+                module.record_pass(mean, var, mask=mask, steps=steps, batch=batch, start_step=start_step,
+                                   pooled=kind == Kind.SHARED)
     return output, (h_n, c_n)
 
 

@@ -70,6 +70,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_barrier_spin", &set_barrier_spin);
   m.def("set_team_fallback", &set_team_fallback);
   m.def("run_solo", &run_solo);
+  m.def("set_omp_threads", &set_omp_threads);
   m.def("onednn_available", &onednn_available);
   m.def("last_profile", &last_profile);
 }

@@ -174,6 +174,23 @@ Tensor matmul_nt(const Tensor& x, const Tensor& w) {
   return at::mm(x, w.t());
 }
 
+// The dW_h product over the whole sequence: rows [r0, r1) of the result in `blocks` fixed blocks (the threads asked
+// for), each computed by one call on one thread, the blocks shared among the `running` threads. So its numbers
+// depend on the blocks, never on how many threads run them: a team that has fallen back to one thread (another
+// process holds a core) runs it alone, with the same bits, instead of waiting for the busy core.
+template <typename Body>
+void in_row_blocks(int64_t rows, int64_t blocks, int64_t running, const Body& body) {
+  const auto parts = split_rows(blocks, rows);
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(running, static_cast<int64_t>(parts.size())));
+#pragma omp parallel num_threads(n)
+  {
+    omp_set_num_threads(1);  // the call inside stays on this thread (see forward_impl)
+    c10::AutoGradMode no_grad(false);
+    for (int64_t c = omp_get_thread_num(); c < static_cast<int64_t>(parts.size()); c += omp_get_num_threads())
+      body(parts[c].first, parts[c].second);
+  }
+}
+
 bool use_packed = true;
 
 template <typename T>
@@ -258,6 +275,7 @@ std::pair<Tensor, Tensor> setup(Problem<T>& p, const Tensor& P, const Tensor& bi
   p.P = P.data_ptr<T>();
   p.bias = ptr_or_null<T>(bias);
   const bool given = mask.defined() && mask.numel() > 0;
+  const OmpThreads one(1);  // (steps, batch): not worth a team
   Tensor active = given ? mask.contiguous() : at::ones({p.steps, p.batch}, P.options().dtype(at::kBool));
   p.mask = active.data_ptr<bool>();
   Tensor count = given ? mask.to(P.scalar_type()).sum(1).contiguous()
@@ -280,7 +298,7 @@ void load_shared_stats(const Problem<T>& p, Scratch<T>& s) {
 // Mean and biased variance over the active rows of x (N, F) (mask (N) or empty): the statistics of an input term
 // normalized with statistics shared over time and batch, as recurrent_bn.norm.batch_statistics computes them.
 template <typename T>
-std::vector<Tensor> column_moments_impl(const Tensor& x, const Tensor& mask, int64_t threads) {
+std::vector<Tensor> column_moments_impl(const Tensor& x, const Tensor& mask, int64_t threads, int64_t running) {
   const int64_t N = x.size(0), F = x.size(1);
   const Tensor active = mask.defined() && mask.numel() > 0 ? mask.contiguous()
                                                            : at::ones({N}, x.options().dtype(at::kBool));
@@ -289,7 +307,7 @@ std::vector<Tensor> column_moments_impl(const Tensor& x, const Tensor& mask, int
   std::vector<T> means(team * F), m2s(team * F), counts(team);
   const T* data = x.data_ptr<T>();
   const Kernels<T>& k = kernels<T>();
-#pragma omp parallel num_threads(team)
+#pragma omp parallel num_threads(std::max<int64_t>(1, std::min(running, team)))
   {
     omp_set_num_threads(1);  // see forward_impl
     // The chunks go round the threads the runtime gave, which may be fewer than asked (see run_team).
@@ -366,7 +384,7 @@ ForwardResult forward_impl(const Tensor& P, const Tensor& h0, const Tensor& c0, 
       st.var = at::empty({S, F}, opts);
     } else if (terms[i]->kind == kShared) {
       // Statistics pooled over every active position of the sequence, before the loop.
-      auto moments = column_moments_impl<T>(P.view({S * B, G}), p_mask, threads);
+      auto moments = column_moments_impl<T>(P.view({S * B, G}), p_mask, threads, team_running(threads));
       st.mean = moments[0];
       st.var = moments[1];
     } else if (terms[i]->kind == kLayer) {
@@ -449,7 +467,12 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
     targets[i]->row_mean = ptr_or_null<T>(stats[i]->row_mean);
     targets[i]->row_rstd = ptr_or_null<T>(stats[i]->row_rstd);
   }
-  Tensor dout_c = dout.contiguous();
+  // The copies around the loop run on one thread while the team does (see OmpThreads).
+  const int64_t glue = team_running(threads);
+  Tensor dout_c = [&] {
+    const OmpThreads scope(glue);
+    return dout.contiguous();
+  }();
   p.dout = dout_c.data_ptr<T>();
   Tensor dh = dhT.contiguous().clone(), dc = dcT.contiguous().clone();
   p.dh = dh.data_ptr<T>();
@@ -515,7 +538,24 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   // dW_h^T = H_prev^T DR as oneDNN's x w^T with transposed views (oneDNN reads them in place; MKL's mm of the
   // same product runs at half the rate on AMD CPUs).
   const Tensor DR2 = DR.view({S * B, G}), H2 = hs.narrow(0, 0, S).reshape({S * B, H});
-  result.weight_hh = onednn_for(DR2) ? matmul_nt(H2.t(), DR2.t()).t().contiguous() : at::mm(DR2.t(), H2);
+  if (onednn_for(DR2)) {
+    // oneDNN's x must be contiguous: H_prev^T is copied first (as oneDNN would), with the copies' thread count. The
+    // blocks are rows of H_prev^T: oneDNN takes a block of rows of the transposed DR (a strided view) only with its
+    // reference kernel, minutes at the pMNIST shape.
+    Tensor H2t;
+    {
+      const OmpThreads scope(glue);
+      H2t = H2.t().contiguous();
+    }
+    Tensor dWt = at::empty({H, G}, opts);
+    in_row_blocks(H, threads, glue, [&](int64_t u0, int64_t u1) {
+      dWt.narrow(0, u0, u1 - u0).copy_(matmul_nt(H2t.narrow(0, u0, u1 - u0), DR2.t()));
+    });
+    const OmpThreads scope(glue);
+    result.weight_hh = dWt.t().contiguous();
+  } else {
+    result.weight_hh = at::mm(DR2.t(), H2);  // float64 (the tests): MKL, on the caller's threads (see projection)
+  }
   backward_weight_gradient_seconds = seconds() - weight_start;
   // The sum over the blocks, in block order, of one of their vectors (given by `of`).
   auto reduce = [&](auto of, int64_t size) {
@@ -572,6 +612,9 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
 }
 
 // x (T, B, I) times W_x (4H, I) transposed: the input projection of every timestep, (T, B, 4H), in the workspace.
+// One product on the caller's threads, also when the team has fallen back. Not in blocks as dW_h: MKL behind at::mm
+// keeps the thread count torch.set_num_threads gave it, so a block run alone would not be one thread's sum, and with
+// oneDNN each block's result had to be copied into P (with dW_x in blocks too, the quiet pMNIST step was slower).
 Tensor projection(const Tensor& x, const Tensor& weight_ih) {
   const int64_t S = x.size(0), B = x.size(1);
   Tensor P = workspace_empty({S * B, weight_ih.size(0)}, x.options());
@@ -615,6 +658,8 @@ BackwardResult lstm_backward(const Tensor& d_output, const Tensor& d_h, const Te
   const int64_t S = x.size(0), B = x.size(1), I = x.size(2);
   const Tensor dP2 = dP.view({S * B, -1});
   const Tensor x2 = x.reshape({S * B, I}).contiguous();
+  // One product each on the caller's threads, as the projection (see there): in blocks of dW_x's rows, a one-column x
+  // (pMNIST) made one block, on one thread.
   result.x = need_dx ? matmul_nt(dP2, weight_ih.t().contiguous()).view({S, B, I}) : at::empty({0}, x.options());
   result.weight_ih = onednn_for(dP2) ? matmul_nt(x2.t(), dP2.t()).t().contiguous() : at::mm(dP2.t(), x2);
   return result;
@@ -631,6 +676,12 @@ void set_barrier_spin(double seconds) { spin_seconds.store(seconds); }
 void set_team_fallback(bool enabled) { team_fallback.store(enabled); }
 
 void run_solo(int64_t calls) { solo_calls_left.store(calls); }
+
+int64_t set_omp_threads(int64_t threads) {
+  const int64_t before = omp_get_max_threads();
+  omp_set_num_threads(static_cast<int>(std::max<int64_t>(threads, 1)));
+  return before;
+}
 
 bool onednn_available() { return onednn_linear().has_value(); }
 

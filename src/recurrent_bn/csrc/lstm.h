@@ -73,6 +73,9 @@ void set_barrier_spin(double seconds);
 void set_team_fallback(bool enabled);
 // The next `calls` calls run on one thread, as after a call that mostly waited (tests of the fallback).
 void run_solo(int64_t calls);
+// The OpenMP thread count of the calling thread's next parallel regions (ATen's parallel loops read it); returns the
+// one it replaces.
+int64_t set_omp_threads(int64_t threads);
 // [threads][matrix products, elementwise, barriers] of the last forward and backward, and the dW_h product.
 std::vector<std::vector<double>> last_profile();
 

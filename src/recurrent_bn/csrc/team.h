@@ -154,6 +154,12 @@ inline int64_t team_threads(int64_t threads) {
   return 1;
 }
 
+// Whether the next call's team runs on one thread.
+inline bool team_is_solo() { return team_fallback.load() && solo_calls_left.load() > 0; }
+// The threads that run a call's work outside its team (copies, products over the sequence): one while the team
+// does, else those asked for.
+inline int64_t team_running(int64_t threads) { return team_is_solo() ? 1 : threads; }
+
 inline void record_team(int64_t size, double elapsed) {
   if (size <= 1 || !team_fallback.load()) return;
   double waited = 0;

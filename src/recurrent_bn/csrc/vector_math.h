@@ -118,6 +118,7 @@ RBN_INLINE void gemm_panels(const float* A, int64_t lda, int64_t M, const float*
 // B (N, K) row-major into panels of 32 rows of B, k-major inside a panel, zero-padded: (ceil(N / 32), K, 32).
 inline Tensor pack_panels(const Tensor& B) {
   const int64_t N = B.size(0), K = B.size(1), panels = (N + kPanel - 1) / kPanel;
+  const OmpThreads one(1);  // tens of thousands of elements: not worth a team
   Tensor packed = at::zeros({panels, K, kPanel}, B.options());
   const Tensor source = B.contiguous();
   const float* b = source.data_ptr<float>();
