@@ -12,7 +12,8 @@ work tree never touch a file a run has open. Only the repository is sure to reac
 on another machine, so `--collect` copies each run's record into results/runs/{paper_curves,tanh_question}/<run>/
 and, while the run is unfinished, its checkpoints too (last.pt, and best.pt, which the final test needs): commit
 them at least every hour. A run whose directory is missing (a new machine) is restored from that copy and resumed
-there. Once a run has finished, its checkpoints leave results/ and only the record stays, with final.pt (the tested
+there; a run started again from step 0 behind a longer record carries its own in <run>/restart/ until it passes it.
+Once a run has finished, its checkpoints leave results/ and only the record stays, with final.pt (the tested
 weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints every 250 steps. Runs use one torch thread
 each; `--jobs 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels'
 thread team loses more to a busy neighbour than a second thread gains). Everything runs under `nice` so that
@@ -36,6 +37,9 @@ RESULTS = REPO / "results" / "runs" / "paper_curves"
 TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
 RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json", "resumes.yaml")
 CARRIED = ("last.pt", "best.pt")  # what an unfinished run needs to go on elsewhere, committed beside its record
+# A run started again from step 0 while a longer record of it stays (its checkpoints were lost once) carries its own
+# record and checkpoints here, inside the longer record's directory, until it passes that record.
+RESTART = "restart"
 FINAL_KEPT_BYTES = 1_000_000  # final.pt stays in results/ when at most this large (the LSTMs; not the BN-LSTMs' 6 MB)
 # Only the step counts and the validation cadence differ from the paper_* presets.
 COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
@@ -129,6 +133,8 @@ def restore(name: str, run_dir: Path) -> bool:
     """Lay out a run from the checkpoint committed beside its record, when the run directory has none (a new
     machine, or a lost directory); True if it did. The trainer drops the record's rows past the checkpoint's step."""
     record = collected(name)
+    if not (record / "last.pt").exists():
+        record = record / RESTART  # a run started again behind a longer record
     if (run_dir / "last.pt").exists() or not (record / "last.pt").exists():
         return False
     if run_dir.exists():
@@ -201,10 +207,15 @@ def collect(root: Path, names: list[str]) -> None:
         target = collected(name)
         (run_state, ours), (kept_state, kept) = state(source), recorded(name)
         if (kept_state == "finished" and run_state != "finished") or kept > ours:
-            # A run started again from step 0 (its directory was lost) must not replace a longer record.
-            print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}",
-                  flush=True)
+            # A run started again from step 0 (its directory was lost) must not replace a longer record; while it is
+            # behind an unfinished one, it carries its checkpoints in restart/, so that it is not lost again.
+            carried = kept_state != "finished" and run_state == "partial"
+            if carried:
+                copy_record(source, target / RESTART, RECORD + CARRIED)
+            print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}"
+                  f"{f', carried in {RESTART}/' if carried else ''}", flush=True)
             continue
+        shutil.rmtree(target / RESTART, ignore_errors=True)
         finished = run_state == "finished"
         copy_record(source, target, RECORD if finished else RECORD + CARRIED)
         if finished:

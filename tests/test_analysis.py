@@ -418,3 +418,16 @@ def test_wandb_export_converts_a_run_into_the_layout_load_runs_reads(tmp_path):
     assert set(runs["status"]) == {"completed"} and set(runs["experiment"]) == {"fig2_wandb"}
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["test_metric"] == 0.33 and "_wandb" not in summary["config"]
+
+
+def test_a_run_directory_inside_another_run_is_not_a_second_run(tmp_path):
+    # The campaign carries a run started again behind its longer record in <record>/restart/: one run, not two
+    # (figures and summaries read every run found under results/runs/).
+    from recurrent_bn.runs import find_run_dirs
+
+    tanh = tmp_path / "tanh"
+    for directory in (tanh / "bn_rnn", tanh / "bn_rnn" / "restart", tanh / "rnn"):
+        directory.mkdir(parents=True)
+        (directory / "metrics.csv").write_text("step,split,loss\n50,train,1.0\n")
+    assert find_run_dirs(tmp_path) == [tanh / "rnn", tanh / "bn_rnn"]
+    assert find_run_dirs(tanh / "bn_rnn") == [tanh / "bn_rnn"]

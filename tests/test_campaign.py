@@ -45,6 +45,28 @@ def test_a_restarted_run_keeps_the_longer_record(campaign, tmp_path):
     assert campaign.recorded(name)[1] == 9500
 
 
+def test_a_run_started_again_behind_a_longer_record_carries_its_checkpoint_until_it_passes_it(campaign, tmp_path):
+    # tanh_pmnist_bn_rnn_s1 was started again from step 0 behind its record of 11,400 steps, and its checkpoint was not
+    # committed: the session's end lost it a second time.
+    name = "tanh_pmnist_bn_rnn_s1"
+    write_run(campaign.collected(name), 11400)
+    (campaign.collected(name) / "last.pt").unlink()  # the old record lost its checkpoint with its machine
+    run = tmp_path / "campaign" / name
+    write_run(run, 3500)
+    (run / "last.pt").write_bytes(b"restart")
+    campaign.collect(tmp_path / "campaign", [name])
+    assert campaign.recorded(name) == ("partial", 11400)  # the longer record stays
+
+    shutil.rmtree(tmp_path / "campaign")  # the next session, on another machine
+    assert campaign.restore(name, run)
+    assert (run / "last.pt").read_bytes() == b"restart" and campaign.state(run) == ("partial", 3500)
+
+    write_run(run, 12000)  # past the record: it replaces it, and restart/ goes
+    campaign.collect(tmp_path / "campaign", [name])
+    assert campaign.recorded(name)[1] == 12000
+    assert not (campaign.collected(name) / campaign.RESTART).exists()
+
+
 def test_a_finished_record_is_not_run_again(campaign, tmp_path, capsys):
     name = "tanh_pmnist_rnn_s1"
     write_run(campaign.collected(name), 20000, finished=True)

@@ -50,11 +50,13 @@ class RunInfo:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    """Every directory under `root` (or `root` itself) holding a run's summary.json or metrics.csv."""
+    """Every directory under `root` (or `root` itself) holding a run's summary.json or metrics.csv, except those inside
+    another run's directory (the campaign's `restart/` copy of a run started again is the same run)."""
     root = Path(root)
     if not root.exists():
         return []
     found = {p.parent for name in RUN_FILES for p in root.rglob(name) if "wandb" not in p.parts[len(root.parts):]}
+    found = {p for p in found if not any(parent in found for parent in p.parents)}
     return sorted(found, key=lambda p: [(len(part), part) for part in p.parts])
 
 
