@@ -110,3 +110,14 @@ def test_a_finished_run_leaves_its_checkpoints_out_of_the_repository(campaign, t
     assert not (record / "last.pt").exists() and not (record / "best.pt").exists()
     assert (record / "final.pt").read_bytes() == b"small"
     assert campaign.recorded(name) == ("finished", 2000)
+
+
+@pytest.mark.parametrize("path", ["last.pt", "best.pt", "final.pt", "restart/last.pt", "restart/best.pt"])
+def test_the_checkpoints_the_campaign_carries_are_not_ignored_by_git(path):
+    # They are committed beside the records; *.pt is ignored elsewhere (restart/ was, so its checkpoint stayed behind).
+    import subprocess
+
+    target = f"results/runs/tanh_question/tanh_pmnist_bn_rnn_s1/{path}"
+    result = subprocess.run(["git", "check-ignore", "-q", "--no-index", target], cwd=REPO)
+    assert result.returncode == 1, f"{target} is ignored by .gitignore"
+
