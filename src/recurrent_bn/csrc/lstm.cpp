@@ -535,7 +535,7 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
   result.c0 = dc;
   // Parameter gradients: the per-thread sums, and dW_h = sum_t DR_t^T h_{t-1} as one product.
   const double weight_start = seconds();
-  // dW_h^T = H_prev^T DR as oneDNN's x w^T with transposed views (oneDNN reads them in place; MKL's mm of the
+  // dW_h^T = H_prev^T DR as oneDNN's x w^T, DR as a transposed view (oneDNN reads it in place; MKL's mm of the
   // same product runs at half the rate on AMD CPUs).
   const Tensor DR2 = DR.view({S * B, G}), H2 = hs.narrow(0, 0, S).reshape({S * B, H});
   if (onednn_for(DR2)) {
@@ -554,7 +554,7 @@ BackwardResult backward_impl(const Tensor& dout, const Tensor& dhT, const Tensor
     const OmpThreads scope(glue);
     result.weight_hh = dWt.t().contiguous();
   } else {
-    result.weight_hh = at::mm(DR2.t(), H2);  // float64 (the tests): MKL, on the caller's threads (see projection)
+    result.weight_hh = at::mm(DR2.t(), H2);  // float64, or no oneDNN: MKL on the caller's threads (see projection)
   }
   backward_weight_gradient_seconds = seconds() - weight_start;
   // The sum over the blocks, in block order, of one of their vectors (given by `of`).
