@@ -7,6 +7,7 @@ LSTM variant, with and without padding, in training and evaluation, on one threa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import resource
@@ -61,6 +62,18 @@ def threads(monkeypatch):
     yield use
     if fused.available():
         fused._extension.set_team_fallback(True)
+
+
+@contextlib.contextmanager
+def fallen_back_for(calls):
+    """The team's fallback on, its next `calls` calls run on one thread (0: by the team); off again after."""
+    fused._extension.set_team_fallback(True)
+    fused._extension.run_solo(calls)
+    try:
+        yield
+    finally:
+        fused._extension.run_solo(0)
+        fused._extension.set_team_fallback(False)
 
 
 def randomize(model, seed=0):
@@ -189,13 +202,8 @@ def test_fused_numbers_are_the_same_bits_when_the_team_falls_back_to_one_thread(
     results = []
     for solo_calls in (0, 1000):
         fast = copy.deepcopy(model)
-        fused._extension.set_team_fallback(True)
-        fused._extension.run_solo(solo_calls)
-        try:
+        with fallen_back_for(solo_calls):
             outputs, grads = run(fast, x, hx, lengths)
-        finally:
-            fused._extension.run_solo(0)
-            fused._extension.set_team_fallback(False)
         results.append([*outputs, *grads, *buffers(fast)])
     for team, solo in zip(*results, strict=True):
         assert team is None and solo is None or torch.equal(team, solo)
@@ -215,14 +223,9 @@ def test_a_fallen_back_call_keeps_the_bits_at_sizes_whose_copies_aten_splits(thr
     results = []
     for solo_calls in (0, 1000):
         fast = copy.deepcopy(model)
-        fused._extension.set_team_fallback(True)
-        fused._extension.run_solo(solo_calls)
-        try:
+        with fallen_back_for(solo_calls):
             output, _ = fast(x)
             output.sum().backward()  # an expanded gradient: the kernels copy it
-        finally:
-            fused._extension.run_solo(0)
-            fused._extension.set_team_fallback(False)
         assert torch.get_num_threads() == 2
         results.append([output, *(p.grad for p in fast.parameters()), *buffers(fast)])
     for team, solo in zip(*results, strict=True):
