@@ -16,8 +16,9 @@ there; a run started again from step 0 behind a longer record carries its own in
 Once a run has finished, its checkpoints leave results/ and only the record stays, with final.pt (the tested
 weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints every 250 steps. Runs use one torch thread
 each; `--jobs 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels'
-thread team loses more to a busy neighbour than a second thread gains). Everything runs under `nice` so that
-interactive work keeps the machine.
+thread team loses more to a busy neighbour than a second thread gains). A PTB run, whose 58 MB checkpoint is too
+large to commit more than once, runs alone on both cores (`--jobs 1 --threads 2`) to finish in one sitting; the
+thread count changes no number. Everything runs under `nice` so that interactive work keeps the machine.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ CARRIED = ("last.pt", "best.pt")  # what an unfinished run needs to go on elsewh
 RESTART = "restart"
 FINAL_KEPT_BYTES = 1_000_000  # final.pt stays in results/ when at most this large (the LSTMs; not the BN-LSTMs' 6 MB)
 # Only the step counts and the validation cadence differ from the paper_* presets.
-COMMON = ["logger=csv", "trainer.threads=1", "trainer.checkpoint_every=250", "seed=1"]
+COMMON = ["logger=csv", "trainer.checkpoint_every=250", "seed=1"]  # with trainer.threads=<--threads>
 MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
 # pMNIST validation (all 10,000 images through 784 steps) costs minutes: every 500 steps still draws the curve.
 PMNIST = ["trainer.log_every=50", "trainer.eval_every=500"]
@@ -102,11 +103,11 @@ def running_pid(run_dir: Path) -> int | None:
     return pid if str(run_dir) in cmdline else None  # a recycled pid belongs to something else
 
 
-def command(name: str, run_dir: Path) -> list[str]:
+def command(name: str, run_dir: Path, threads: int = 1) -> list[str]:
     base = [sys.executable, "-m", "recurrent_bn.train"]
-    if (run_dir / "last.pt").exists():
-        return [*base, f"resume={run_dir}"]
-    return [*base, *RUNS[name], *COMMON, f"hydra.run.dir={run_dir}"]
+    if (run_dir / "last.pt").exists():  # the thread count does not change a run's numbers; a resume may change it
+        return [*base, f"resume={run_dir}", f"trainer.threads={threads}"]
+    return [*base, *RUNS[name], *COMMON, f"trainer.threads={threads}", f"hydra.run.dir={run_dir}"]
 
 
 def collected(name: str) -> Path:
@@ -144,7 +145,7 @@ def restore(name: str, run_dir: Path) -> bool:
     return True
 
 
-def launch(name: str, root: Path) -> subprocess.Popen:
+def launch(name: str, root: Path, threads: int = 1) -> subprocess.Popen:
     run_dir = root / name
     restore(name, run_dir)
     run_state, steps = state(run_dir)
@@ -152,19 +153,20 @@ def launch(name: str, root: Path) -> subprocess.Popen:
         print(f"{name}: {run_dir} has no checkpoint; starting it again from step 0", flush=True)
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    argv = command(name, run_dir)
+    argv = command(name, run_dir, threads)
     print(f"{name}: {'resuming at step ' + str(steps) if run_state == 'partial' else 'starting'}: "
           f"{' '.join(argv[1:])}", flush=True)
     # The runs import this checkout's package (not whichever one the interpreter has installed), so that a campaign
     # started from a frozen copy of the repository is not changed by edits to another.
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": str(REPO / "src")}
     log = (run_dir / "campaign.log").open("a")
     process = subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
     (run_dir / "campaign.pid").write_text(str(process.pid))
     return process
 
 
-def run_all(root: Path, names: list[str], jobs: int) -> int:
+def run_all(root: Path, names: list[str], jobs: int, threads: int = 1) -> int:
     busy = {n: running_pid(root / n) for n in names if running_pid(root / n)}
     for name, pid in busy.items():
         print(f"{name}: already running (pid {pid}); left alone", flush=True)
@@ -186,7 +188,7 @@ def run_all(root: Path, names: list[str], jobs: int) -> int:
             collect(root, [name])
         while pending and len(running) + len(busy) < jobs:
             name = pending.pop(0)
-            running[name] = launch(name, root)
+            running[name] = launch(name, root, threads)
         time.sleep(5)
         for name, process in list(running.items()):
             if process.poll() is not None:
@@ -229,6 +231,8 @@ def collect(root: Path, names: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (a PTB run alone: --jobs 1 --threads 2; same numbers either way)")
     parser.add_argument("--only", nargs="*", default=None, help=f"a subset of: {' '.join(RUNS)}")
     parser.add_argument("--status", action="store_true", help="print each run's state and stop")
     parser.add_argument("--collect", action="store_true",
@@ -238,8 +242,8 @@ def main() -> int:
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
         parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    if args.jobs < 1:
-        parser.error("--jobs must be at least 1")
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
     root = campaign_dir()
     if args.status:
         for name in names:
@@ -255,7 +259,7 @@ def main() -> int:
         print(f"copied the records of {root} into {RESULTS.relative_to(REPO)} and {TANH_RESULTS.relative_to(REPO)}")
         return 0
     print(f"campaign directory: {root}", flush=True)
-    return run_all(root, names, args.jobs)
+    return run_all(root, names, args.jobs, args.threads)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_an_unfinished_run_carries_its_checkpoints_and_is_restored_from_them(cam
     assert campaign.restore(name, run)
     assert (run / "last.pt").read_bytes() == b"last" and (run / "best.pt").read_bytes() == b"best"
     assert campaign.state(run) == ("partial", 1000)
-    assert campaign.command(name, run)[-1] == f"resume={run}"
+    assert f"resume={run}" in campaign.command(name, run)
     assert not campaign.restore(name, run)  # a run directory with its own checkpoint is left alone
 
 
