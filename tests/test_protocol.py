@@ -197,3 +197,21 @@ def test_population_variance_survives_a_large_mean_in_float32(steps, max_length)
     true_var = pooled.reshape(-1, 3).var(0, correction=0)
     slot = min(steps, max_length) - 1
     assert torch.allclose(norm.running_var[slot].double(), true_var, rtol=1e-3)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_timesteps_with_slots_of_their_own_get_the_bits_of_the_pooled_update(momentum):
+    # Slots 0-8 of `own` take the update where every timestep has a slot (update_population's short path); `pooled`
+    # sees a tenth timestep past max_length with no active example, so it takes the general path (pooling in
+    # float64), which must give every slot the same bits. Counts of 0 included (a padded timestep leaves its slot).
+    generator = torch.Generator().manual_seed(3)
+    own, pooled = (RecurrentBatchNorm(6, 9, momentum=momentum) for _ in range(2))
+    for _ in range(3):
+        mean = 40.0 * torch.randn(10, 6, generator=generator)
+        var = torch.rand(10, 6, generator=generator)
+        count = torch.randint(0, 3, (10,), generator=generator).float() * 7
+        count[9] = 0
+        own.update_population(mean[:9], var[:9], count[:9])
+        pooled.update_population(mean, var, count)
+    for name, buffer in own.named_buffers():
+        assert torch.equal(buffer, dict(pooled.named_buffers())[name]), name
