@@ -1,6 +1,7 @@
 """The tanh question's gradient answer: ‖∂loss/∂h_t‖ over t on permuted MNIST (true permutation) for rnn, bn_rnn,
-bn_linear_rnn, ln_rnn and bn_linear_rnn2, at initialization (γ = 0.1 and 1.0, the paper's MNIST setup) and, where
-the campaign's run of the model has a checkpoint, after training (its last.pt, at the γ it was trained with).
+bn_linear_rnn, ln_rnn and bn_linear_rnn2, at initialization (γ = 0.1 and 1.0, the paper's MNIST setup) and after
+training, at the γ it was trained with: from the final weights of a finished campaign run (final.pt in its record
+under results/runs/tanh_question/), else from the checkpoint of an unfinished one in the campaign directory.
 
     python experiments/tanh_gradients.py               # writes results/analysis/tanh_gradients.csv and .json
     python experiments/tanh_gradients.py --split-only  # only the split below, from the stored csv
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 from _launch import analysis_root
-from paper_curves import campaign_dir
+from paper_curves import campaign_dir, collected
 
 from recurrent_bn import analysis
 from recurrent_bn.models import build_model
@@ -48,12 +49,16 @@ def flows(x, y) -> pd.DataFrame:
             torch.manual_seed(0)
             network = build_model(analysis.compose_config(model, overrides, task="pmnist"))
             frames.append(frame(network, x, y, model, gamma, "initialization"))
-        run_dir = campaign / f"tanh_pmnist_{model}_s1"
-        if (run_dir / "last.pt").exists():
-            network, cfg = load_trained_model(run_dir, "last.pt")
-            step = torch.load(run_dir / "last.pt", weights_only=True)["step"]
+        name = f"tanh_pmnist_{model}_s1"
+        record, run_dir = collected(name), campaign / name
+        found = [(d, f) for d, f in ((record, "final.pt"), (run_dir, "last.pt")) if (d / f).exists()]
+        if found:
+            directory, checkpoint = found[0]
+            network, cfg = load_trained_model(directory, checkpoint)
+            step = torch.load(directory / checkpoint, weights_only=True)["step"]
             gamma = float(cfg.model.gamma_init) if cfg.model.norm != "none" else None
-            frames.append(frame(network, x, y, model, gamma, f"trained ({step} steps)"))
+            when = f"trained (final weights, step {step})" if checkpoint == "final.pt" else f"trained ({step} steps)"
+            frames.append(frame(network, x, y, model, gamma, when))
     return pd.concat(frames, ignore_index=True)
 
 
