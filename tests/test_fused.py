@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import warnings
@@ -23,6 +24,17 @@ import recurrent_bn as rb
 from recurrent_bn import fused, recurrence
 
 needs_fused = pytest.mark.skipif(not recurrence.fused_available(), reason="fused kernels unavailable in this build")
+
+
+def test_the_kernels_build_wherever_there_is_a_compiler():
+    # The tests below skip where the kernels are unavailable, so an edit that breaks their build would pass them all
+    # silently (195 skipped once): where a compiler is there and the kernels were not turned off, they must build.
+    if os.environ.get(fused.DISABLE_ENV, "") not in ("", "0"):
+        pytest.skip(f"{fused.DISABLE_ENV} is set")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C++ compiler ({compiler}) on this machine")
+    assert fused.available(), fused.unavailable_reason()
 
 TOL = 1e-10
 
