@@ -10,9 +10,10 @@ the paper's PTB size (hidden 1000) and the text8 size (T 180, input 27, hidden 2
 
 Reported per implementation and mode: ms per step (median, min-max), the ratio to `torch.nn.LSTM` and to the
 per-timestep BN-LSTM in the same mode, sequences per second, the achieved GFLOP/s of the matrix products, and the
-peak memory of a training step. The rows go to results/bench.csv (with the machine description) and the tables to
-results/bench.md. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; child processes time
-torch.nn.LSTM and bn_lstm (fused) each alone, with the tuning and without it, for comparison. Denormals are flushed
+peak memory of a training step. A full run writes the rows to results/bench.csv (with the machine description) and
+the tables to results/bench.md; a partial one (--quick, --shapes, --impls, --modes) prints them, and writes them
+only to a folder given with --out. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; child processes
+time torch.nn.LSTM and bn_lstm (fused) each alone, with the tuning and without it, for comparison. Denormals are flushed
 to zero for every implementation, as the trainer does (`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s
 backward through 784 steps decays into denormals and ran 8x slower with them. `--oversubscribed` times the BN-LSTM
 training step on one and on two threads while another process keeps one core busy (see `oversubscribed`). The script
@@ -37,6 +38,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,7 +84,9 @@ def parse_args(argv=None):
                         help="only time bn_lstm (fused) on 1 and 2 threads with another process busy on one core")
     parser.add_argument("--denormals", choices=("flush", "keep"), default="flush",
                         help="flush denormals to zero (default, as the trainer does) or keep them")
-    parser.add_argument("--out", default=str(ROOT / "results"), help="folder for bench.csv and bench.md")
+    parser.add_argument("--out", default=None,
+                        help="folder for bench.csv and bench.md (default: results/ for a full run; a partial run, "
+                             "with --quick, --shapes, --impls or --modes, writes only where this is given)")
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # child runs: write rows here
     return parser.parse_args(argv)
 
@@ -313,8 +317,7 @@ def malloc_comparison(args, log) -> list[dict]:
     shapes = [s for s in (args.shapes.split(",") if args.shapes else ["pmnist", "ptb"]) if s in ("pmnist", "ptb")]
     if not shapes:
         return []
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    out = Path(args.out) / ".bench-malloc.json"
+    out = Path(tempfile.mkdtemp(prefix="bench-malloc-")) / "rows.json"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     rows = []
     for impl in ("nn", "=bn_lstm/fused"):
@@ -488,7 +491,11 @@ def main(args) -> None:
     off_rows = [] if args.no_malloc_compare or args.malloc == "off" else malloc_comparison(args, log)
     text = tables(rows, off_rows, info)
     print(text)
-    out = Path(args.out)
+    partial = args.quick or args.shapes or args.impls or args.modes != ",".join(MODES)
+    if args.out is None and partial:  # a partial table would replace the full one in results/
+        log("a partial run: the tables are printed, not written (give --out DIR to keep them)")
+        return
+    out = Path(args.out) if args.out else ROOT / "results"
     out.mkdir(parents=True, exist_ok=True)
     fields = ["shape", "steps", "input", "hidden", "batch", "impl", "mode", "repeats", "ms_median", "ms_min",
               "ms_max", "vs_torch_lstm", "vs_per_timestep", "sequences_per_s", "matmul_gflops", "peak_memory_mb",
