@@ -260,7 +260,7 @@ class RecurrentBatchNorm(nn.Module):
         torch.maximum(self.trained_length, last_active, out=self.trained_length)
 
     def _update_own_slots(self, mean: Tensor, var: Tensor, count: Tensor, start_step: int) -> None:
-        """`update_population` where every timestep has a slot of its own, in a third of the operations (at the
+        """`update_population` where every timestep has a slot of its own, in half the operations (at the
         word-language-model example's size they were half of the BN-LSTM's cost over the LSTM's). Pooling one
         timestep gives back its own statistics, in float64 without rounding for float32 statistics (mean x count
         and back, count an integer), so the slots get the same bits as the general path gives them; float64
