@@ -17,8 +17,10 @@ Once a run has finished, its checkpoints leave results/ and only the record stay
 weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints every 250 steps. Runs use one torch thread
 each; `--jobs 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels'
 thread team loses more to a busy neighbour than a second thread gains). A PTB run, whose 58 MB checkpoint is too
-large to commit more than once, runs alone on both cores (`--jobs 1 --threads 2`) to finish in one sitting; the
-thread count changes no number. Everything runs under `nice` so that interactive work keeps the machine.
+large to commit more than once, runs alone on both cores (`--jobs 1 --threads 2`) to finish in one sitting. The
+thread count is part of a run's numbers (the matrix products split their sums by it: in the 7th digit, growing over
+training), so it is in each run's config.yaml and a resume keeps it unless `--threads` is given. Everything runs under
+`nice` so that interactive work keeps the machine.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results" / "runs" / "paper_curves"
 TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
@@ -45,7 +49,7 @@ RESTART = "restart"
 # 2.6 MB for bn_linear_rnn2), whose gradient after training `tanh_gradients.py` measures; not the BN-LSTMs' 6 MB.
 FINAL_KEPT_BYTES = 3_000_000
 # Only the step counts and the validation cadence differ from the paper_* presets.
-COMMON = ["logger=csv", "trainer.checkpoint_every=250", "seed=1"]  # with trainer.threads=<--threads>
+COMMON = ["logger=csv", "trainer.checkpoint_every=250", "seed=1"]  # with trainer.threads=<--threads, default 1>
 MNIST = ["trainer.log_every=50", "trainer.eval_every=250"]
 # pMNIST validation (all 10,000 images through 784 steps) costs minutes: every 500 steps still draws the curve.
 PMNIST = ["trainer.log_every=50", "trainer.eval_every=500"]
@@ -105,11 +109,21 @@ def running_pid(run_dir: Path) -> int | None:
     return pid if str(run_dir) in cmdline else None  # a recycled pid belongs to something else
 
 
-def command(name: str, run_dir: Path, threads: int = 1) -> list[str]:
+def command(name: str, run_dir: Path, threads: int | None = None) -> list[str]:
+    """The trainer's command line: a new run on `threads` (default 1), or a resume on the run's own thread count
+    unless `threads` is given."""
     base = [sys.executable, "-m", "recurrent_bn.train"]
-    if (run_dir / "last.pt").exists():  # the thread count does not change a run's numbers; a resume may change it
-        return [*base, f"resume={run_dir}", f"trainer.threads={threads}"]
-    return [*base, *RUNS[name], *COMMON, f"trainer.threads={threads}", f"hydra.run.dir={run_dir}"]
+    if (run_dir / "last.pt").exists():
+        return [*base, f"resume={run_dir}", *([f"trainer.threads={threads}"] if threads else [])]
+    return [*base, *RUNS[name], *COMMON, f"trainer.threads={threads or 1}", f"hydra.run.dir={run_dir}"]
+
+
+def run_threads(run_dir: Path) -> int:
+    """The thread count a run was started with (its config.yaml), 1 where it does not say."""
+    try:
+        return int(OmegaConf.load(run_dir / "config.yaml").trainer.threads or 1)
+    except Exception:  # noqa: BLE001 - no readable config: the campaign's default
+        return 1
 
 
 def collected(name: str) -> Path:
@@ -147,7 +161,7 @@ def restore(name: str, run_dir: Path) -> bool:
     return True
 
 
-def launch(name: str, root: Path, threads: int = 1) -> subprocess.Popen:
+def launch(name: str, root: Path, threads: int | None = None) -> subprocess.Popen:
     run_dir = root / name
     restore(name, run_dir)
     run_state, steps = state(run_dir)
@@ -158,9 +172,10 @@ def launch(name: str, root: Path, threads: int = 1) -> subprocess.Popen:
     argv = command(name, run_dir, threads)
     print(f"{name}: {'resuming at step ' + str(steps) if run_state == 'partial' else 'starting'}: "
           f"{' '.join(argv[1:])}", flush=True)
+    team = threads or (run_threads(run_dir) if run_state == "partial" else 1)
     # The runs import this checkout's package (not whichever one the interpreter has installed), so that a campaign
     # started from a frozen copy of the repository is not changed by edits to another.
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
+    environment = {**os.environ, "OMP_NUM_THREADS": str(team), "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": str(REPO / "src")}
     log = (run_dir / "campaign.log").open("a")
     process = subprocess.Popen(["nice", "-n", "19", *argv], cwd=REPO, env=environment, stdout=log, stderr=log)
@@ -168,7 +183,7 @@ def launch(name: str, root: Path, threads: int = 1) -> subprocess.Popen:
     return process
 
 
-def run_all(root: Path, names: list[str], jobs: int, threads: int = 1) -> int:
+def run_all(root: Path, names: list[str], jobs: int, threads: int | None = None) -> int:
     busy = {n: running_pid(root / n) for n in names if running_pid(root / n)}
     for name, pid in busy.items():
         print(f"{name}: already running (pid {pid}); left alone", flush=True)
@@ -233,8 +248,9 @@ def collect(root: Path, names: list[str]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (one torch thread each)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per run (a PTB run alone: --jobs 1 --threads 2; same numbers either way)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: 1 for a new run, the run's own for a resume; a PTB "
+                             "run alone: --jobs 1 --threads 2)")
     parser.add_argument("--only", nargs="*", default=None, help=f"a subset of: {' '.join(RUNS)}")
     parser.add_argument("--status", action="store_true", help="print each run's state and stop")
     parser.add_argument("--collect", action="store_true",
@@ -244,7 +260,7 @@ def main() -> int:
     unknown = sorted(set(names) - set(RUNS))
     if unknown:
         parser.error(f"unknown runs {', '.join(unknown)}; choose from {', '.join(RUNS)}")
-    if args.jobs < 1 or args.threads < 1:
+    if args.jobs < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--jobs and --threads must be at least 1")
     root = campaign_dir()
     if args.status:

@@ -121,3 +121,19 @@ def test_the_checkpoints_the_campaign_carries_are_not_ignored_by_git(path):
     result = subprocess.run(["git", "check-ignore", "-q", "--no-index", target], cwd=REPO)
     assert result.returncode == 1, f"{target} is ignored by .gitignore"
 
+
+
+def test_a_resume_keeps_the_thread_count_the_run_was_started_with(campaign, tmp_path):
+    # The thread count splits the matrix products' sums, so it is part of a run's numbers: a new run states it, a
+    # resume leaves the run's own unless asked, and the campaign reads it back for OpenMP.
+    name = "ptb_bn_lstm_s1"
+    run = tmp_path / "campaign" / name
+    assert "trainer.threads=1" in campaign.command(name, run)
+    assert "trainer.threads=2" in campaign.command(name, run, threads=2)
+    write_run(run, 500)
+    (run / "config.yaml").write_text("trainer:\n  threads: 2\n")
+    assert not any(a.startswith("trainer.threads=") for a in campaign.command(name, run))
+    assert "trainer.threads=1" in campaign.command(name, run, threads=1)
+    assert campaign.run_threads(run) == 2
+    (run / "config.yaml").unlink()
+    assert campaign.run_threads(run) == 1
