@@ -7,21 +7,20 @@ One command that can be run again and again, in every working session, until eve
     python experiments/paper_curves.py --status     # how far each run got
     python experiments/paper_curves.py --collect    # copy the records into results/runs/{paper_curves,tanh_question}/
 
-Runs write into $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository), so that git operations in the
-work tree never touch a file a run has open. Only the repository is sure to reach the next working session, maybe
-on another machine, so `--collect` copies each run's record into results/runs/{paper_curves,tanh_question}/<run>/
-and, while the run is unfinished, its checkpoints too (last.pt, and best.pt, which the final test needs): commit
-them at least every hour. A run whose directory is missing (a new machine) is restored from that copy and resumed
-there; a run started again from step 0 behind a longer record carries its own in <run>/restart/ until it passes it.
-Once a run has finished, its checkpoints leave results/ and only the record stays, with final.pt (the tested
-weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints every 250 steps. Runs use one torch thread
-each; `--jobs 2` runs two side by side (on two cores that is the throughput-best arrangement: the fused kernels'
-thread team loses more to a busy neighbour than a second thread gains). A PTB run, whose 58 MB checkpoint is too
-large to commit more than once, runs alone on both cores (`--jobs 1 --threads 2`) to finish in one sitting. The
-thread count is part of a run's numbers (the matrix products split their sums by it: in the 7th digit, growing over
-training), so it is in each run's config.yaml and a resume keeps it unless `--threads` is given. Everything runs under
-`nice` so that interactive work keeps the machine.
-"""
+Runs write into $RBN_CAMPAIGN_DIR (default: rbn_campaign beside the repository), so that git operations in the work
+tree never touch a file a run has open. Only the repository is sure to reach the next working session, maybe on
+another machine, so `--collect` copies each run's record into results/runs/{paper_curves,tanh_question}/<run>/ and,
+while the run is unfinished, its checkpoints too (last.pt, and best.pt, which the final test needs; not over
+CARRIED_MAX_BYTES, which only a PTB run's reach): commit them at least every hour. A run whose directory is missing
+(a new machine) is restored from that copy and resumed there; a run started again from step 0 behind a longer record
+carries its own in <run>/restart/ until it passes it. Once a run has finished, its checkpoints leave results/ and
+only the record stays, with final.pt (the tested weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints
+every 250 steps. Runs use one torch thread each; `--jobs 2` runs two side by side (on two cores that is the
+throughput-best arrangement: the fused kernels' thread team loses more to a busy neighbour than a second thread
+gains). A PTB run, whose 58 MB checkpoint is too large to commit more than once, runs alone on both cores (`--jobs 1
+--threads 2`) to finish in one sitting. The thread count is part of a run's numbers (the matrix products split their
+sums by it: in the 7th digit, growing over training), so it is in each run's config.yaml and a resume keeps it
+unless `--threads` is given. Everything runs under `nice` so that interactive work keeps the machine. """
 
 from __future__ import annotations
 
@@ -42,6 +41,9 @@ RESULTS = REPO / "results" / "runs" / "paper_curves"
 TANH_RESULTS = REPO / "results" / "runs" / "tanh_question"  # the tanh_* runs
 RECORD = ("metrics.csv", "summary.json", "config.yaml", "train.log", "pixel_order.json", "resumes.yaml")
 CARRIED = ("last.pt", "best.pt")  # what an unfinished run needs to go on elsewhere, committed beside its record
+# A larger checkpoint is not carried: the campaign may add about 80 MB of checkpoints to the repository's history in
+# all, and a PTB run at hidden 1000 has 58 MB (weights and Adam's moments), so it finishes in one sitting instead.
+CARRIED_MAX_BYTES = 10_000_000
 # A run started again from step 0 while a longer record of it stays (its checkpoints were lost once) carries its own
 # record and checkpoints here, inside the longer record's directory, until it passes that record.
 RESTART = "restart"
@@ -216,6 +218,16 @@ def run_all(root: Path, names: list[str], jobs: int, threads: int | None = None)
     return 1 if failures else 0
 
 
+def carried_files(name: str, run_dir: Path) -> tuple[str, ...]:
+    """CARRIED, or none of it where last.pt is larger than CARRIED_MAX_BYTES (best.pt alone resumes nothing)."""
+    last = run_dir / "last.pt"
+    if not last.exists() or last.stat().st_size <= CARRIED_MAX_BYTES:
+        return CARRIED
+    print(f"{name}: its checkpoints ({last.stat().st_size / 1e6:.0f} MB) are too large to carry in the repository and "
+          f"stay in {run_dir}: finish the run in one sitting (--jobs 1 --threads 2)", flush=True)
+    return ()
+
+
 def collect(root: Path, names: list[str]) -> None:
     """Copy each run's record into results/runs/paper_curves/<name>/ (tanh_question/ for tanh_*), with its
     checkpoints while it is unfinished; a finished run's checkpoints leave results/ (final.pt stays if small)."""
@@ -230,13 +242,13 @@ def collect(root: Path, names: list[str]) -> None:
             # behind an unfinished one, it carries its checkpoints in restart/, so that it is not lost again.
             carried = kept_state != "finished" and run_state == "partial"
             if carried:
-                copy_record(source, target / RESTART, RECORD + CARRIED)
+                copy_record(source, target / RESTART, RECORD + carried_files(name, source))
             print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}"
                   f"{f', carried in {RESTART}/' if carried else ''}", flush=True)
             continue
         shutil.rmtree(target / RESTART, ignore_errors=True)
         finished = run_state == "finished"
-        copy_record(source, target, RECORD if finished else RECORD + CARRIED)
+        copy_record(source, target, RECORD if finished else RECORD + carried_files(name, source))
         if finished:
             for file in CARRIED:
                 (target / file).unlink(missing_ok=True)

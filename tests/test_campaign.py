@@ -137,3 +137,19 @@ def test_a_resume_keeps_the_thread_count_the_run_was_started_with(campaign, tmp_
     assert campaign.run_threads(run) == 2
     (run / "config.yaml").unlink()
     assert campaign.run_threads(run) == 1
+
+
+def test_a_checkpoint_too_large_for_the_repository_is_not_carried(campaign, tmp_path, capsys):
+    # A PTB run at hidden 1000 has a 58 MB last.pt: an hourly collect and commit would pass the campaign's budget of
+    # about 80 MB after the second hour, so such a run finishes in one sitting (its best.pt alone would resume nothing).
+    name = "ptb_bn_lstm_s1"
+    run = tmp_path / "campaign" / name
+    write_run(run, 1000)
+    with (run / "last.pt").open("wb") as handle:
+        handle.truncate(campaign.CARRIED_MAX_BYTES + 1)  # sparse: no disk used
+    (run / "best.pt").write_bytes(b"best")
+    campaign.collect(tmp_path / "campaign", [name])
+    record = campaign.collected(name)
+    assert (record / "metrics.csv").exists()
+    assert not (record / "last.pt").exists() and not (record / "best.pt").exists()
+    assert "too large to carry" in capsys.readouterr().out
