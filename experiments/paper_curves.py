@@ -17,10 +17,11 @@ carries its own in <run>/restart/ until it passes it. Once a run has finished, i
 only the record stays, with final.pt (the tested weights) where it is under FINAL_KEPT_BYTES. Each run checkpoints
 every 250 steps. Runs use one torch thread each; `--jobs 2` runs two side by side (on two cores that is the
 throughput-best arrangement: the fused kernels' thread team loses more to a busy neighbour than a second thread
-gains). A PTB run, whose 58 MB checkpoint is too large to commit more than once, runs alone on both cores (`--jobs 1
+gains). A PTB run, whose 58 MB checkpoint is too large to carry, runs alone on both cores (`--jobs 1
 --threads 2`) to finish in one sitting. The thread count is part of a run's numbers (the matrix products split their
 sums by it: in the 7th digit, growing over training), so it is in each run's config.yaml and a resume keeps it
-unless `--threads` is given. Everything runs under `nice` so that interactive work keeps the machine. """
+unless `--threads` is given. Everything runs under `nice` so that interactive work keeps the machine.
+"""
 
 from __future__ import annotations
 
