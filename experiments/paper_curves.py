@@ -19,7 +19,7 @@ every 250 steps. Runs use one torch thread each; `--jobs 2` runs two side by sid
 throughput-best arrangement: the fused kernels' thread team loses more to a busy neighbour than a second thread
 gains). A PTB run, whose 58 MB checkpoint is too large to carry, runs alone on both cores (`--jobs 1
 --threads 2`) to finish in one sitting. The thread count is part of a run's numbers (the matrix products split their
-sums by it: in the 7th digit, growing over training), so it is in each run's config.yaml and a resume keeps it
+sums by it; see the README's *Same seed, same numbers*), so it is in each run's config.yaml and a resume keeps it
 unless `--threads` is given. Everything runs under `nice` so that interactive work keeps the machine.
 """
 
