@@ -225,8 +225,18 @@ def carried_files(name: str, run_dir: Path) -> tuple[str, ...]:
     if not last.exists() or last.stat().st_size <= CARRIED_MAX_BYTES:
         return CARRIED
     print(f"{name}: its checkpoints ({last.stat().st_size / 1e6:.0f} MB) are too large to carry in the repository and "
-          f"stay in {run_dir}: finish the run in one sitting (--jobs 1 --threads 2)", flush=True)
+          f"stay in {run_dir}: finish the run in one sitting, alone on the machine (--jobs 1)", flush=True)
     return ()
+
+
+def carry(name: str, source: Path, target: Path) -> bool:
+    """Copy an unfinished run's record, and its checkpoints where they may be carried (else remove any carried
+    before, which would resume it from an older step); True if the checkpoints went with it."""
+    files = carried_files(name, source)
+    copy_record(source, target, RECORD + files)
+    for file in set(CARRIED) - set(files):
+        (target / file).unlink(missing_ok=True)
+    return bool(files)
 
 
 def collect(root: Path, names: list[str]) -> None:
@@ -241,21 +251,20 @@ def collect(root: Path, names: list[str]) -> None:
         if (kept_state == "finished" and run_state != "finished") or kept > ours:
             # A run started again from step 0 (its directory was lost) must not replace a longer record; while it is
             # behind an unfinished one, it carries its checkpoints in restart/, so that it is not lost again.
-            carried = kept_state != "finished" and run_state == "partial"
-            if carried:
-                copy_record(source, target / RESTART, RECORD + carried_files(name, source))
+            carried = kept_state != "finished" and run_state == "partial" and carry(name, source, target / RESTART)
             print(f"{name}: kept the record in {target.relative_to(REPO)} (step {kept}); this run is at step {ours}"
                   f"{f', carried in {RESTART}/' if carried else ''}", flush=True)
             continue
         shutil.rmtree(target / RESTART, ignore_errors=True)
-        finished = run_state == "finished"
-        copy_record(source, target, RECORD if finished else RECORD + carried_files(name, source))
-        if finished:
+        if run_state == "finished":
+            copy_record(source, target, RECORD)
             for file in CARRIED:
                 (target / file).unlink(missing_ok=True)
             final = source / "final.pt"
             if final.exists() and final.stat().st_size <= FINAL_KEPT_BYTES:
                 shutil.copy2(final, target / "final.pt")
+        else:
+            carry(name, source, target)
 
 
 def main() -> int:

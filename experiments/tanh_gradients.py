@@ -1,7 +1,8 @@
 """The tanh question's gradient answer: ‖∂loss/∂h_t‖ over t on permuted MNIST (true permutation) for rnn, bn_rnn,
 bn_linear_rnn, ln_rnn and bn_linear_rnn2, at initialization (γ = 0.1 and 1.0, the paper's MNIST setup) and after
 training, at the γ it was trained with: from the final weights of a finished campaign run (final.pt in its record
-under results/runs/tanh_question/), else from the checkpoint of an unfinished one in the campaign directory.
+under results/runs/tanh_question/), else from the campaign directory's last.pt (an unfinished run, or a finished one
+whose final weights were not kept).
 
     python experiments/tanh_gradients.py               # writes results/analysis/tanh_gradients.csv and .json
     python experiments/tanh_gradients.py --split-only  # only the split below, from the stored csv

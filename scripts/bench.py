@@ -74,7 +74,8 @@ def parse_args(argv=None):
     parser.add_argument("--impls", default=None,
                         help="comma-separated substrings selecting implementations, e.g. nn,bn_lstm/fused")
     parser.add_argument("--modes", default="train,eval", help="train, eval or both")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 5)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repeats per implementation (default 5; lm-small takes at least 40)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: PyTorch's)")
     parser.add_argument("--malloc", choices=("on", "off"), default="on", help="apply the glibc malloc tuning")
@@ -317,7 +318,8 @@ def malloc_comparison(args, log) -> list[dict]:
     shapes = [s for s in (args.shapes.split(",") if args.shapes else ["pmnist", "ptb"]) if s in ("pmnist", "ptb")]
     if not shapes:
         return []
-    out = Path(tempfile.mkdtemp(prefix="bench-malloc-")) / "rows.json"
+    folder = tempfile.TemporaryDirectory(prefix="bench-malloc-")
+    out = Path(folder.name) / "rows.json"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
     rows = []
     for impl in ("nn", "=bn_lstm/fused"):
@@ -335,6 +337,7 @@ def malloc_comparison(args, log) -> list[dict]:
                 continue
             rows += [{**row, "malloc": malloc} for row in json.loads(out.read_text())]
             out.unlink()
+    folder.cleanup()
     return rows
 
 
@@ -491,7 +494,7 @@ def main(args) -> None:
     off_rows = [] if args.no_malloc_compare or args.malloc == "off" else malloc_comparison(args, log)
     text = tables(rows, off_rows, info)
     print(text)
-    partial = args.quick or args.shapes or args.impls or args.modes != ",".join(MODES)
+    partial = args.quick or args.shapes or args.impls or set(args.modes.split(",")) != set(MODES)
     if args.out is None and partial:  # a partial table would replace the full one in results/
         log("a partial run: the tables are printed, not written (give --out DIR to keep them)")
         return

@@ -144,12 +144,15 @@ def test_a_checkpoint_too_large_for_the_repository_is_not_carried(campaign, tmp_
     # about 80 MB after the second hour, so such a run finishes in one sitting (its best.pt alone would resume nothing).
     name = "ptb_bn_lstm_s1"
     run = tmp_path / "campaign" / name
+    write_run(run, 500)
+    campaign.collect(tmp_path / "campaign", [name])  # small enough at first: carried
+    assert (campaign.collected(name) / "last.pt").exists()
     write_run(run, 1000)
     with (run / "last.pt").open("wb") as handle:
         handle.truncate(campaign.CARRIED_MAX_BYTES + 1)  # sparse: no disk used
     (run / "best.pt").write_bytes(b"best")
     campaign.collect(tmp_path / "campaign", [name])
     record = campaign.collected(name)
-    assert (record / "metrics.csv").exists()
+    assert campaign.state(record) == ("missing", 1000)  # the record, without a checkpoint to resume an older step
     assert not (record / "last.pt").exists() and not (record / "best.pt").exists()
     assert "too large to carry" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_the_kernels_build_wherever_there_is_a_compiler():
     # silently (195 skipped once): where a compiler is there and the kernels were not turned off, they must build.
     if os.environ.get(fused.DISABLE_ENV, "") not in ("", "0"):
         pytest.skip(f"{fused.DISABLE_ENV} is set")
-    compiler = os.environ.get("CXX", "c++")
+    compiler = (shlex.split(os.environ.get("CXX", "c++")) or ["c++"])[0]  # CXX may be "ccache c++"
     if shutil.which(compiler) is None:
         pytest.skip(f"no C++ compiler ({compiler}) on this machine")
     assert fused.available(), fused.unavailable_reason()
