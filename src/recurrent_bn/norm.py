@@ -231,54 +231,40 @@ class RecurrentBatchNorm(nn.Module):
         minibatches when `momentum` is None.
         """
         steps = mean.shape[0]
+        position = torch.arange(start_step + 1, start_step + steps + 1, device=mean.device)  # 1-based
+        active = count > 0
         if start_step + steps <= self.slots:
-            self._update_own_slots(mean, var, count, start_step)
-            return
-        step = torch.arange(start_step, start_step + steps, device=mean.device)
-        index = step.clamp(max=self.slots - 1)
-        # Pooled in float64 and as within- plus between-timestep variance: rebuilding the variance as
-        # E[x^2] - mean^2 in float32 loses it entirely when |mean| >> std (mean 30, std 0.01 gave 0).
-        mean, var, count = mean.double(), var.double(), count.double()
-        pooled_count = mean.new_zeros(self.slots).index_add_(0, index, count)
-        touched = pooled_count > 0
-        denominator = pooled_count.clamp(min=1)[:, None]
-        batch_mean = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, mean * count[:, None])
-        batch_mean = batch_mean / denominator
-        spread = var + (mean - batch_mean[index]).square()
-        batch_var = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, spread * count[:, None])
-        batch_var = batch_var / denominator
-        # Masked arithmetic instead of boolean indexing: no host synchronisation on a GPU.
-        if self.momentum is None:
-            factor = 1.0 / (self.num_batches_tracked + 1).to(mean.dtype)
+            # Every timestep has a slot of its own (the usual case, and half the operations): pooling one timestep
+            # gives back its statistics, without rounding for float32 statistics and integer counts (mean x count
+            # and back in float64), so they go in as they are, with the bits pooling gives them. `(mean - mean)^2`
+            # is 0, or NaN where pooling's between-timestep term is.
+            rows, touched = slice(start_step, start_step + steps), active
+            batch_mean, batch_var = mean, var + (mean - mean).square()
         else:
-            factor = torch.full_like(pooled_count, self.momentum)
-        factor = (factor * touched)[:, None].to(self.running_mean.dtype)
-        self.running_mean += factor * (batch_mean.to(self.running_mean.dtype) - self.running_mean)
-        self.running_var += factor * (batch_var.to(self.running_var.dtype) - self.running_var)
-        self.num_batches_tracked += touched
-        last_active = torch.where(count > 0, step + 1, 0).max().clamp(max=self.slots)
-        torch.maximum(self.trained_length, last_active, out=self.trained_length)
-
-    def _update_own_slots(self, mean: Tensor, var: Tensor, count: Tensor, start_step: int) -> None:
-        """`update_population` where every timestep has a slot of its own, in half the operations (at the
-        word-language-model example's size they were half of the BN-LSTM's cost over the LSTM's). Pooling one
-        timestep gives back its own statistics, in float64 without rounding for float32 statistics (mean x count
-        and back, count an integer), so the slots get the same bits as the general path gives them; float64
-        statistics skip that path's last-place rounding. `(mean - mean)^2` is 0, or NaN where the general path's
-        between-timestep term is NaN."""
-        rows = slice(start_step, start_step + mean.shape[0])
-        touched = count > 0
+            rows, index = slice(None), (position - 1).clamp(max=self.slots - 1)
+            # Pooled in float64 and as within- plus between-timestep variance: rebuilding the variance as
+            # E[x^2] - mean^2 in float32 loses it entirely when |mean| >> std (mean 30, std 0.01 gave 0).
+            mean, var, weight = mean.double(), var.double(), count.double()
+            pooled_count = mean.new_zeros(self.slots).index_add_(0, index, weight)
+            touched = pooled_count > 0
+            denominator = pooled_count.clamp(min=1)[:, None]
+            batch_mean = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, mean * weight[:, None])
+            batch_mean = batch_mean / denominator
+            spread = var + (mean - batch_mean[index]).square()
+            batch_var = mean.new_zeros(self.slots, self.num_features).index_add_(0, index, spread * weight[:, None])
+            batch_var = batch_var / denominator
+        # Masked arithmetic instead of boolean indexing: no host synchronisation on a GPU.
         if self.momentum is None:
             factor = 1.0 / (self.num_batches_tracked[rows] + 1).to(torch.float64)
         else:
             factor = torch.full(touched.shape, self.momentum, dtype=torch.float64, device=mean.device)
         factor = (factor * touched)[:, None].to(self.running_mean.dtype)
         running_mean, running_var = self.running_mean[rows], self.running_var[rows]  # views: updated in place
-        running_mean += factor * (mean.to(running_mean.dtype) - running_mean)
-        running_var += factor * ((var + (mean - mean).square()).to(running_var.dtype) - running_var)
+        running_mean += factor * (batch_mean.to(running_mean.dtype) - running_mean)
+        running_var += factor * (batch_var.to(running_var.dtype) - running_var)
         self.num_batches_tracked[rows] += touched
-        step = torch.arange(rows.start + 1, rows.stop + 1, device=mean.device)
-        torch.maximum(self.trained_length, torch.where(touched, step, 0).max(), out=self.trained_length)
+        last_active = torch.where(active, position, 0).max().clamp(max=self.slots)
+        torch.maximum(self.trained_length, last_active, out=self.trained_length)
 
     def record_pass(
         self, mean: Tensor, var: Tensor, *, mask: Tensor | None, steps: int, batch: int, start_step: int = 0,
