@@ -222,24 +222,19 @@ def run_all(root: Path, names: list[str], jobs: int, threads: int | None = None)
     return 1 if failures else 0
 
 
-def carried_files(name: str, run_dir: Path) -> tuple[str, ...]:
-    """CARRIED, or none of it where last.pt is larger than CARRIED_MAX_BYTES (best.pt alone resumes nothing)."""
-    last = run_dir / "last.pt"
-    if not last.exists() or last.stat().st_size <= CARRIED_MAX_BYTES:
-        return CARRIED
-    print(f"{name}: its checkpoints ({last.stat().st_size / 1e6:.0f} MB) are too large to carry in the repository and "
-          f"stay in {run_dir}: finish the run in one sitting, alone on the machine (--jobs 1)", flush=True)
-    return ()
-
-
 def carry(name: str, source: Path, target: Path) -> bool:
-    """Copy an unfinished run's record, and its checkpoints where they may be carried (else remove any carried
-    before, which would resume it from an older step); True if the checkpoints went with it."""
-    files = carried_files(name, source)
-    copy_record(source, target, RECORD + files)
-    for file in set(CARRIED) - set(files):
-        (target / file).unlink(missing_ok=True)
-    return bool(files)
+    """Copy an unfinished run's record with its checkpoints, or without them where last.pt is larger than
+    CARRIED_MAX_BYTES (then any carried before go too: they would resume the run from an older step); True if the
+    checkpoints went with it."""
+    last = source / "last.pt"
+    small = not last.exists() or last.stat().st_size <= CARRIED_MAX_BYTES
+    copy_record(source, target, RECORD + (CARRIED if small else ()))
+    if not small:
+        for file in CARRIED:
+            (target / file).unlink(missing_ok=True)
+        print(f"{name}: its checkpoints ({last.stat().st_size / 1e6:.0f} MB) are too large to carry in the repository "
+              f"and stay in {source}: finish the run in one sitting, alone on the machine (--jobs 1)", flush=True)
+    return small
 
 
 def collect(root: Path, names: list[str]) -> None:
