@@ -9,15 +9,15 @@ at the pMNIST shape (T 784, input 1, hidden 100, batch 64), the PTB shape (T 100
 the paper's PTB size (hidden 1000) and the text8 size (T 180, input 27, hidden 2000, batch 128; one repeat).
 
 Reported per implementation and mode: ms per step (median, min-max), the ratio to `torch.nn.LSTM` and to the
-per-timestep BN-LSTM in the same mode, sequences per second, the achieved GFLOP/s of the matrix products, and the
-peak memory of a training step. A full run writes the rows to results/bench.csv (with the machine description) and
-the tables to results/bench.md; a partial one (--quick, --shapes, --impls, --modes) prints them, and writes them
-only to a folder given with --out. glibc malloc tuning (recurrent_bn.malloc) is applied at start-up; child processes
-time torch.nn.LSTM and bn_lstm (fused) each alone, with the tuning and without it, for comparison. Denormals are flushed
-to zero for every implementation, as the trainer does (`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s
-backward through 784 steps decays into denormals and ran 8x slower with them. `--oversubscribed` times the BN-LSTM
-training step on one and on two threads while another process keeps one core busy (see `oversubscribed`). The script
-prints numbers; it asserts nothing.
+per-timestep BN-LSTM in the same mode, sequences per second, the achieved GFLOP/s of the matrix products, and the peak
+memory of a training step. The standard run (no option but --out) writes the rows to results/bench.csv (with the machine
+description) and the tables to results/bench.md; a run with any other option (a subset, other repeats, no malloc tuning,
+...) prints them, and writes them only to a folder given with --out. glibc malloc tuning (recurrent_bn.malloc) is
+applied at start-up; child processes time torch.nn.LSTM and bn_lstm (fused) each alone, with the tuning and without it,
+for comparison. Denormals are flushed to zero for every implementation, as the trainer does
+(`torch.set_flush_denormal`): on Intel CPUs `torch.nn.LSTM`'s backward through 784 steps decays into denormals and ran
+8x slower with them. `--oversubscribed` times the BN-LSTM training step on one and on two threads while another process
+keeps one core busy (see `oversubscribed`). The script prints numbers; it asserts nothing.
 
     python scripts/bench.py                 # everything (about 10-15 minutes on 2 cores)
     python scripts/bench.py --quick         # pMNIST and PTB shapes, 2 repeats
@@ -86,10 +86,17 @@ def parse_args(argv=None):
     parser.add_argument("--denormals", choices=("flush", "keep"), default="flush",
                         help="flush denormals to zero (default, as the trainer does) or keep them")
     parser.add_argument("--out", default=None,
-                        help="folder for bench.csv and bench.md (default: results/ for a full run; a partial run, "
-                             "with --quick, --shapes, --impls or --modes, writes only where this is given)")
+                        help="folder for bench.csv and bench.md (default: results/ for the standard run, every other "
+                             "option at its default; any other run writes only where this is given)")
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)  # child runs: write rows here
     return parser.parse_args(argv)
+
+
+def standard_run(args: argparse.Namespace) -> bool:
+    """Whether `args` is the standard run, every option at its default but --out: only its tables go to results/
+    by default. A subset of shapes, other repeats, untuned malloc or kept denormals each change the numbers."""
+    default = vars(parse_args([]))
+    return all(value == default[key] for key, value in vars(args).items() if key not in ("out", "json"))
 
 
 # The malloc settings must be in place before the first large allocation, hence before importing torch.
@@ -494,9 +501,9 @@ def main(args) -> None:
     off_rows = [] if args.no_malloc_compare or args.malloc == "off" else malloc_comparison(args, log)
     text = tables(rows, off_rows, info)
     print(text)
-    partial = args.quick or args.shapes or args.impls or set(args.modes.split(",")) != set(MODES)
-    if args.out is None and partial:  # a partial table would replace the full one in results/
-        log("a partial run: the tables are printed, not written (give --out DIR to keep them)")
+    if args.out is None and not standard_run(args):  # its tables would replace the standard ones in results/
+        log("not the standard run (an option other than --out was given): the tables are printed, not written "
+            "(give --out DIR to keep them)")
         return
     out = Path(args.out) if args.out else ROOT / "results"
     out.mkdir(parents=True, exist_ok=True)

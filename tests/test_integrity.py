@@ -124,6 +124,27 @@ def test_each_resume_records_the_commit_of_the_code_that_continued_the_run(tmp_p
     assert git_commit() is not None and [entry["git_commit"] for entry in resumes] == [git_commit()] * 2
 
 
+def test_the_commit_is_dirty_when_code_changed_not_when_a_run_wrote_its_records(tmp_path):
+    # A campaign running from a frozen worktree collects its records into that worktree's results/ while it runs;
+    # the code it ran is still the commit's, and the records must say so.
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.csv").write_text("step\n")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    clean = git_commit(tmp_path)
+    assert clean is not None and not clean.endswith("-dirty")
+    (tmp_path / "results" / "metrics.csv").write_text("step\n1\n")
+    assert git_commit(tmp_path) == clean
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == clean + "-dirty"
+
+
 @pytest.mark.slow
 def test_resume_keeps_the_start_record_composes_overrides_and_keeps_one_test_row(tmp_path):
     run_dir = tmp_path / "run"

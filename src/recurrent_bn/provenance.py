@@ -23,14 +23,14 @@ if TYPE_CHECKING:  # the trainer imports this module: pandas is not loaded for i
     import pandas as pd
 
 
-def git_commit() -> str | None:
-    """The repository's HEAD commit, with "-dirty" when tracked files changed; None outside a git checkout."""
+def git_commit(repository: Path = CONF_DIR.parent) -> str | None:
+    """The repository's HEAD commit, with "-dirty" when tracked files outside results/ changed; None outside a git
+    checkout. Records under results/ are what runs write (a campaign's collect writes them while it runs), not code."""
     try:
-        repository = CONF_DIR.parent
         commit = subprocess.run(["git", "-C", str(repository), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repository), "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)results"], capture_output=True, text=True, timeout=5).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except Exception:
         return None
