@@ -199,6 +199,24 @@ def test_population_variance_survives_a_large_mean_in_float32(steps, max_length)
     assert torch.allclose(norm.running_var[slot].double(), true_var, rtol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_example_counts_are_exact_whatever_the_precision_of_the_statistics(dtype):
+    # Statistics in half precision (autocast) must not make the counts half: 70,000 is inf in float16, 301 is 300
+    # in bfloat16, and the pooled slot's weights would be NaN or off.
+    generator = torch.Generator().manual_seed(5)
+    mean = (3.0 * torch.randn(4, 3, generator=generator)).to(dtype)
+    var = torch.rand(4, 3, generator=generator).to(dtype)
+    mask = torch.ones(4, 70_000, dtype=torch.bool)
+    mask[1:, 301:] = False  # timesteps 1-3, pooled into the last slot, have 301 active examples
+    low, exact = RecurrentBatchNorm(3, 2), RecurrentBatchNorm(3, 2)
+    low.record_pass(mean, var, mask=mask, steps=4, batch=70_000)
+    exact.record_pass(mean.float(), var.float(), mask=mask, steps=4, batch=70_000)
+    mask[1, :] = True  # and an unequal weighting of the pooled timesteps, where a count off by one shows
+    low.record_pass(mean, var, mask=mask, steps=4, batch=70_000)
+    exact.record_pass(mean.float(), var.float(), mask=mask, steps=4, batch=70_000)
+    assert torch.equal(low.running_mean, exact.running_mean) and torch.equal(low.running_var, exact.running_var)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_timesteps_with_slots_of_their_own_get_the_bits_of_the_pooled_update(momentum):
     # Slots 0-8 of `own` take the update where every timestep has a slot (update_population's short path); `pooled`

@@ -41,6 +41,7 @@ from recurrent_bn.norm import (
     RecurrentBatchNorm,
     RecurrentLayerNorm,
     default_gamma,
+    example_count,
     refuse_single_example,
 )
 from recurrent_bn.recurrence import DescribedNorm
@@ -357,7 +358,7 @@ class _RecurrentCell(nn.Module):
                 norm.finish(batch)  # a slot of its own: the layer's update (`RecurrentBatchNorm.record_pass`)
             else:
                 mean = norm.means[0]
-                count = mean.new_tensor(batch) if mask is None else mask.to(mean.dtype).sum()
+                count = example_count(None if mask is None else mask[None], 1, batch, mean)[0]
                 self._update_population(name, norm.module, mean, norm.variances[0], count, step)
 
     @torch.no_grad()

@@ -69,10 +69,11 @@ def batch_statistics(x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Ten
 
 
 def example_count(mask: Tensor | None, steps: int, batch: int, like: Tensor) -> Tensor:
-    """Number of active examples at each of `steps` timesteps, (steps,)."""
+    """Number of active examples at each of `steps` timesteps, (steps,), in float64 on `like`'s device: exact
+    whatever the statistics' precision (in float16 70,000 is inf, in bfloat16 301 is 300)."""
     if mask is None:
-        return torch.full((steps,), batch, dtype=like.dtype, device=like.device)
-    return mask.to(like.dtype).sum(-1)
+        return torch.full((steps,), batch, dtype=torch.float64, device=like.device)
+    return mask.to(torch.float64).sum(-1)
 
 
 def normalize(x: Tensor, mean: Tensor, var: Tensor, gamma: Tensor, beta: Tensor | None, eps: float) -> Tensor:
