@@ -95,8 +95,11 @@ def parse_args(argv=None):
 def standard_run(args: argparse.Namespace) -> bool:
     """Whether `args` is the standard run, every option at its default but --out: only its tables go to results/
     by default. A subset of shapes, other repeats, untuned malloc or kept denormals each change the numbers."""
-    default = vars(parse_args([]))
-    return all(value == default[key] for key, value in vars(args).items() if key not in ("out", "json"))
+    def options(namespace: argparse.Namespace) -> dict:
+        chosen = {key: value for key, value in vars(namespace).items() if key not in ("out", "json")}
+        return {**chosen, "modes": set(chosen["modes"].split(","))}
+
+    return options(args) == options(parse_args([]))
 
 
 # The malloc settings must be in place before the first large allocation, hence before importing torch.
@@ -468,6 +471,7 @@ def tables(rows: list[dict], off_rows: list[dict], info: dict) -> str:
 
 
 def main(args) -> None:
+    standard = standard_run(args)  # before the defaults below are filled in
     if args.quick:
         args.repeats = args.repeats or 2
         args.warmup = 1 if args.warmup is None else args.warmup
@@ -501,7 +505,7 @@ def main(args) -> None:
     off_rows = [] if args.no_malloc_compare or args.malloc == "off" else malloc_comparison(args, log)
     text = tables(rows, off_rows, info)
     print(text)
-    if args.out is None and not standard_run(args):  # its tables would replace the standard ones in results/
+    if args.out is None and not standard:  # its tables would replace the standard ones in results/
         log("not the standard run (an option other than --out was given): the tables are printed, not written "
             "(give --out DIR to keep them)")
         return

@@ -14,13 +14,31 @@ bench = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(bench)
 
 
-def test_only_the_standard_run_replaces_the_tables_in_results():
-    assert bench.standard_run(bench.parse_args([]))
-    assert bench.standard_run(bench.parse_args(["--out", "elsewhere"]))  # --out only says where
+@pytest.fixture
+def untimed(tmp_path, monkeypatch):
+    """bench.main with nothing timed and ROOT in tmp_path: what it writes, and where, is all that is left."""
+    monkeypatch.setattr(bench, "ROOT", tmp_path)
+    monkeypatch.setattr(bench.fused, "available", lambda: False)
+    monkeypatch.setattr(bench, "machine", lambda: {"cpu": "test"})
+    monkeypatch.setattr(bench, "run_shape", lambda name, shape, args, log: [])
+    monkeypatch.setattr(bench, "malloc_comparison", lambda args, log: [])
+    monkeypatch.setattr(bench, "tables", lambda rows, off_rows, info: "| tables |\n")
+    threads = bench.torch.get_num_threads()
+    yield tmp_path
+    bench.torch.set_num_threads(threads)  # --threads sets it
+
+
+@pytest.mark.parametrize("argv", [[], ["--modes", "eval,train"]])
+def test_the_standard_run_writes_its_tables_to_results(untimed, argv):
+    bench.main(bench.parse_args(argv))
+    assert (untimed / "results" / "bench.csv").exists() and (untimed / "results" / "bench.md").exists()
 
 
 @pytest.mark.parametrize("option", [["--quick"], ["--shapes", "pmnist"], ["--impls", "nn"], ["--modes", "train"],
                                     ["--repeats", "3"], ["--warmup", "0"], ["--threads", "1"], ["--malloc", "off"],
                                     ["--no-malloc-compare"], ["--no-memory"], ["--denormals", "keep"]])
-def test_an_option_that_changes_the_numbers_is_not_the_standard_run(option):
-    assert not bench.standard_run(bench.parse_args(option))
+def test_an_option_that_changes_the_numbers_keeps_its_tables_out_of_results(untimed, option):
+    bench.main(bench.parse_args(option))
+    assert not (untimed / "results").exists()
+    bench.main(bench.parse_args([*option, "--out", str(untimed / "kept")]))  # --out keeps them where it says
+    assert (untimed / "kept" / "bench.csv").exists()
